@@ -1,0 +1,201 @@
+//! `hyperpatch`: `run` starts a VM; the other subcommands talk to a running
+//! VM over its control socket.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use vmm::api::{ApiClient, Controller, NoExtension};
+use vmm::{Vm, VmConfig, VmExit};
+
+/// Command line every guest gets; `--cmdline` and the test image's own
+/// options are appended.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+#[derive(Parser)]
+#[command(name = "hyperpatch", version, about = "Live-patch a Linux guest kernel from the hypervisor")]
+struct Cli {
+    /// Control socket of the VM (created by `run`, used by the other commands).
+    #[arg(long, global = true)]
+    api_sock: Option<PathBuf>,
+    /// Print machine-readable JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest (the test image when --kernel is not given) or restore a snapshot.
+    Run(RunArgs),
+    /// Show whether the VM runs, its vCPUs and uptime.
+    Status,
+    /// Stop every vCPU.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// End the VM.
+    Shutdown,
+    /// Write a snapshot of the VM (memory, vCPUs, devices) to DIR.
+    Snapshot { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel: a vmlinux ELF (booted through PVH) or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (uncompressed cpio is fastest here).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line options, appended to the default.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u64,
+    /// Size in MiB of the guest-physical region reserved for injected code.
+    #[arg(long, default_value_t = 16)]
+    reserved: u64,
+    /// Start from a snapshot directory instead of booting.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    restore: Option<PathBuf>,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("hyperpatch: {:#}", e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run(args) => run(args, cli.api_sock.as_deref()),
+        Cmd::Status => client_verb(cli.api_sock.as_deref(), json!({"verb": "status"}), cli.json),
+        Cmd::Pause => client_verb(cli.api_sock.as_deref(), json!({"verb": "pause"}), cli.json),
+        Cmd::Resume => client_verb(cli.api_sock.as_deref(), json!({"verb": "resume"}), cli.json),
+        Cmd::Shutdown => client_verb(cli.api_sock.as_deref(), json!({"verb": "shutdown"}), cli.json),
+        Cmd::Snapshot { dir } => {
+            let dir = absolute(&dir)?;
+            client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir().context("current directory")?.join(p))
+    }
+}
+
+/// The test image's directory, from `guest-images/build --print-dir`.
+fn test_image_dir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("HYPERPATCH_IMAGE_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/build");
+    let out = std::process::Command::new(&script)
+        .arg("--print-dir")
+        .output()
+        .with_context(|| format!("running {} --print-dir", script.display()))?;
+    if !out.status.success() {
+        bail!("{} --print-dir failed: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !dir.join("done").exists() {
+        bail!("the test image is not built yet; build it with: {}", script.display());
+    }
+    Ok(dir)
+}
+
+fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
+    let console: Box<dyn Write + Send> = match &args.console_log {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => Box::new(std::io::stdout()),
+    };
+    let vm = if let Some(dir) = &args.restore {
+        vmm::snapshot::restore(dir, console).with_context(|| format!("restoring {}", dir.display()))?
+    } else {
+        let vcpus = u8::try_from(args.vcpus)
+            .ok()
+            .filter(|v| (1..=vmm::vm::MAX_VCPUS).contains(v))
+            .ok_or_else(|| anyhow!("--vcpus must be 1 to {}, not {}", vmm::vm::MAX_VCPUS, args.vcpus))?;
+        let mut cmdline = BASE_CMDLINE.to_string();
+        let (kernel, initrd) = match args.kernel {
+            Some(k) => (k, args.initrd),
+            None => {
+                let dir = test_image_dir()?;
+                let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
+                if !extra.trim().is_empty() {
+                    cmdline.push(' ');
+                    cmdline.push_str(extra.trim());
+                }
+                (dir.join("vmlinux"), Some(args.initrd.unwrap_or_else(|| dir.join("initramfs.cpio"))))
+            }
+        };
+        if !args.cmdline.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(args.cmdline.trim());
+        }
+        let cfg = VmConfig { kernel, initrd, cmdline, vcpus, mem_mib: args.mem, reserved_mib: args.reserved };
+        Vm::boot(&cfg, console)?
+    };
+    let ctl = Controller::new(vm, api_sock, true, Box::new(NoExtension))?;
+    match ctl.run()? {
+        VmExit::Reset | VmExit::Shutdown => Ok(ExitCode::SUCCESS),
+        VmExit::Panic => bail!("the guest kernel panicked"),
+        VmExit::Error(e) => bail!("{e}"),
+    }
+}
+
+fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
+    let sock = api_sock.ok_or_else(|| anyhow!("this command needs --api-sock"))?;
+    let mut c = ApiClient::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    let reply = c.call(&req).context("talking to the VM")?;
+    if reply.get("ok").and_then(Value::as_bool) != Some(true) {
+        let msg = reply.get("error").and_then(Value::as_str).unwrap_or("malformed reply");
+        bail!("{msg}");
+    }
+    let result = reply.get("result").cloned().unwrap_or(Value::Null);
+    if as_json {
+        println!("{result}");
+    } else {
+        print_table(&result);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(v: &Value) {
+    match v {
+        Value::Object(m) => {
+            let w = m.keys().map(String::len).max().unwrap_or(0);
+            for (k, val) in m {
+                let s = match val {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+                    other => other.to_string(),
+                };
+                println!("{k:<w$}  {s}");
+            }
+        }
+        other => println!("{other}"),
+    }
+}

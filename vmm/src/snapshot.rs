@@ -1,0 +1,244 @@
+//! Snapshots: guest memory as a sparse raw file plus every vCPU's and
+//! device's state as JSON. Restore maps the memory file copy-on-write
+//! (MAP_PRIVATE), so a restore takes milliseconds and many guests can start
+//! from one snapshot side by side.
+
+use std::fs::{self, File};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VcpuFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{ConsoleOut, PioBus, SerialConsole, SerialSnapshot, SERIAL_IRQ};
+use crate::error::{Result, VmmError};
+use crate::layout::MemoryLayout;
+use crate::vm::{PausedVm, Vm};
+
+const SNAPSHOT_VERSION: u32 = 1;
+const MEMORY_FILE: &str = "memory.bin";
+const STATE_FILE: &str = "state.json";
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: Option<kvm_xcrs>,
+    msrs: Vec<kvm_msr_entry>,
+    lapic: kvm_lapic_state,
+    events: kvm_vcpu_events,
+    mp_state: kvm_mp_state,
+    debugregs: kvm_debugregs,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VmState {
+    version: u32,
+    layout: MemoryLayout,
+    vcpus: Vec<VcpuState>,
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+    serial: SerialSnapshot,
+}
+
+fn snap_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmmError + '_ {
+    move |e| VmmError::Snapshot(format!("{what}: {e}"))
+}
+
+/// MSRs KVM can save for this vCPU (each probed alone, once).
+fn saveable_msrs(vm: &Vm, fd: &VcpuFd) -> Result<Vec<u32>> {
+    let list = vm.kvm.get_msr_index_list().map_err(snap_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut ok = Vec::new();
+    for idx in list.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index: *idx, ..Default::default() }])
+            .map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
+        if fd.get_msrs(&mut one).map(|n| n == 1).unwrap_or(false) {
+            ok.push(*idx);
+        }
+    }
+    Ok(ok)
+}
+
+fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState> {
+    let ids = saveable_msrs(vm, fd)?;
+    let entries: Vec<kvm_msr_entry> = ids.iter().map(|i| kvm_msr_entry { index: *i, ..Default::default() }).collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
+    let n = fd.get_msrs(&mut msrs).map_err(snap_err("KVM_GET_MSRS"))?;
+    let msrs = msrs.as_slice().iter().take(n).copied().collect();
+    Ok(VcpuState {
+        regs: fd.get_regs().map_err(snap_err("KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(snap_err("KVM_GET_SREGS"))?,
+        xsave: fd.get_xsave().map_err(snap_err("KVM_GET_XSAVE"))?,
+        xcrs: fd.get_xcrs().ok(),
+        msrs,
+        lapic: fd.get_lapic().map_err(snap_err("KVM_GET_LAPIC"))?,
+        events: fd.get_vcpu_events().map_err(snap_err("KVM_GET_VCPU_EVENTS"))?,
+        mp_state: fd.get_mp_state().map_err(snap_err("KVM_GET_MP_STATE"))?,
+        debugregs: fd.get_debug_regs().map_err(snap_err("KVM_GET_DEBUGREGS"))?,
+    })
+}
+
+fn irqchip(vm: &Vm, id: u32) -> Result<kvm_irqchip> {
+    let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+    vm.vm_fd.get_irqchip(&mut c).map_err(snap_err("KVM_GET_IRQCHIP"))?;
+    Ok(c)
+}
+
+/// Writes a snapshot of the paused VM to `dir` (created if missing).
+pub fn save(paused: &PausedVm<'_>, dir: &Path) -> Result<()> {
+    let vm = paused.vm();
+    fs::create_dir_all(dir).map_err(|source| VmmError::File { path: dir.into(), source })?;
+    let mut vcpus = Vec::new();
+    for i in 0..vm.vcpu_count() {
+        let fd = paused.vcpu(i)?;
+        vcpus.push(save_vcpu(vm, &fd)?);
+    }
+    let serial = {
+        let bus = vm.bus.lock().unwrap_or_else(|e| e.into_inner());
+        SerialSnapshot::from(&bus.console.serial.state())
+    };
+    let state = VmState {
+        version: SNAPSHOT_VERSION,
+        layout: vm.layout,
+        vcpus,
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.vm_fd.get_pit2().map_err(snap_err("KVM_GET_PIT2"))?,
+        clock: vm.vm_fd.get_clock().map_err(snap_err("KVM_GET_CLOCK"))?,
+        serial,
+    };
+    write_memory(&vm.mem, vm.layout.total_size(), &dir.join(MEMORY_FILE))?;
+    let json = serde_json::to_vec(&state).map_err(|e| VmmError::Snapshot(format!("encoding state: {e}")))?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    fs::write(&tmp, json).map_err(|source| VmmError::File { path: tmp.clone(), source })?;
+    fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|source| VmmError::File { path: tmp, source })?;
+    Ok(())
+}
+
+/// Writes guest memory as a sparse file: all-zero pages are holes.
+fn write_memory(mem: &GuestMemoryMmap, total: u64, path: &Path) -> Result<()> {
+    let ferr = |source| VmmError::File { path: path.into(), source };
+    let mut f = File::create(path).map_err(ferr)?;
+    f.set_len(total).map_err(ferr)?;
+    const CHUNK: usize = 64 << 10;
+    let mut buf = vec![0u8; CHUNK];
+    let mut addr = 0u64;
+    while addr < total {
+        let len = CHUNK.min((total - addr) as usize);
+        let slice = mem
+            .get_slice(GuestAddress(addr), len)
+            .map_err(|e| VmmError::Snapshot(format!("reading guest memory at {addr:#x}: {e}")))?;
+        let b = buf.get_mut(..len).ok_or_else(|| VmmError::Snapshot("buffer".into()))?;
+        slice.copy_to(b);
+        for (i, page) in b.chunks(4096).enumerate() {
+            if page.iter().any(|x| *x != 0) {
+                f.seek(SeekFrom::Start(addr + (i as u64) * 4096)).map_err(ferr)?;
+                f.write_all(page).map_err(ferr)?;
+            }
+        }
+        addr += len as u64;
+    }
+    f.sync_data().map_err(ferr)?;
+    Ok(())
+}
+
+/// Starts a VM from the snapshot in `dir`.
+pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
+    let state_path = dir.join(STATE_FILE);
+    let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
+    let state: VmState = serde_json::from_slice(&raw)
+        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
+    if state.version != SNAPSHOT_VERSION {
+        return Err(VmmError::Snapshot(format!("snapshot version {} is not {}", state.version, SNAPSHOT_VERSION)));
+    }
+    let n = state.vcpus.len();
+    if n == 0 || n > usize::from(crate::vm::MAX_VCPUS) {
+        return Err(VmmError::Snapshot(format!("snapshot has {n} vCPUs")));
+    }
+    let mem_path = dir.join(MEMORY_FILE);
+    let file = File::open(&mem_path).map_err(|source| VmmError::File { path: mem_path.clone(), source })?;
+    let size = file.metadata().map_err(|source| VmmError::File { path: mem_path.clone(), source })?.len();
+    if size != state.layout.total_size() {
+        return Err(VmmError::Snapshot(format!(
+            "{} has {size} bytes, the snapshot says {}",
+            mem_path.display(),
+            state.layout.total_size()
+        )));
+    }
+    let region = MmapRegionBuilder::new(size as usize)
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| VmmError::Snapshot(format!("mapping {}: {e}", mem_path.display())))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| VmmError::Snapshot("guest memory region overflows".into()))?;
+    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| VmmError::Snapshot(format!("{e}")))?;
+    let _ = mem.num_regions();
+
+    let (kvm, vm_fd) = Vm::create_kvm(&mem)?;
+    let mut vcpus = Vec::new();
+    for (i, s) in state.vcpus.iter().enumerate() {
+        let fd = Vm::create_vcpu(&kvm, &vm_fd, i as u8, n as u8)?;
+        restore_vcpu(&fd, s)?;
+        vcpus.push(fd);
+    }
+    vm_fd.set_irqchip(&state.pic_master).map_err(snap_err("KVM_SET_IRQCHIP (PIC master)"))?;
+    vm_fd.set_irqchip(&state.pic_slave).map_err(snap_err("KVM_SET_IRQCHIP (PIC slave)"))?;
+    vm_fd.set_irqchip(&state.ioapic).map_err(snap_err("KVM_SET_IRQCHIP (IOAPIC)"))?;
+    vm_fd.set_pit2(&state.pit).map_err(snap_err("KVM_SET_PIT2"))?;
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm_fd.set_clock(&clock).map_err(snap_err("KVM_SET_CLOCK"))?;
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm_fd.register_irqfd(&irq, SERIAL_IRQ).map_err(snap_err("KVM_IRQFD"))?;
+    let out = ConsoleOut::new(console);
+    let panicked = out.panicked.clone();
+    let console = SerialConsole::from_state(&(&state.serial).into(), irq, out).map_err(VmmError::Snapshot)?;
+    let mut vm = Vm::assemble(kvm, vm_fd, mem, state.layout, vcpus, PioBus::new(console), panicked)?;
+    vm.start()?;
+    let _ = Arc::strong_count(&vm.control);
+    Ok(vm)
+}
+
+fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
+    fd.set_sregs(&s.sregs).map_err(snap_err("KVM_SET_SREGS"))?;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
+    let n = fd.set_msrs(&msrs).map_err(snap_err("KVM_SET_MSRS"))?;
+    if n != s.msrs.len() {
+        let bad = s.msrs.get(n).map(|m| m.index).unwrap_or(0);
+        return Err(VmmError::Snapshot(format!("KVM refused MSR {bad:#x} ({n} of {} set)", s.msrs.len())));
+    }
+    fd.set_regs(&s.regs).map_err(snap_err("KVM_SET_REGS"))?;
+    // SAFETY: `kvm_xsave` comes from KVM_GET_XSAVE on the same host kind; the
+    // ioctl reads exactly size_of::<kvm_xsave>() bytes from it.
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(snap_err("KVM_SET_XSAVE"))?;
+    if let Some(x) = &s.xcrs {
+        fd.set_xcrs(x).map_err(snap_err("KVM_SET_XCRS"))?;
+    }
+    fd.set_debug_regs(&s.debugregs).map_err(snap_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic).map_err(snap_err("KVM_SET_LAPIC"))?;
+    // The TSC deadline only sticks once the LAPIC is in deadline mode.
+    if let Some(d) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+        let m = Msrs::from_entries(&[*d]).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
+        let _ = fd.set_msrs(&m);
+    }
+    fd.set_mp_state(s.mp_state).map_err(snap_err("KVM_SET_MP_STATE"))?;
+    fd.set_vcpu_events(&s.events).map_err(snap_err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
