@@ -24,6 +24,8 @@ use crate::vm::Vm;
 
 /// Longest request line a client may send.
 const MAX_REQUEST: usize = 1 << 20;
+/// Largest `read_memory` request.
+const MAX_READ: u64 = 1 << 20;
 /// Most clients connected at once.
 const MAX_CLIENTS: usize = 64;
 
@@ -139,7 +141,8 @@ impl Controller {
             .map_err(|e| VmmError::Config(format!("event manager: {e}")))?;
         em.add_subscriber(ctl.clone());
         loop {
-            if let Some(why) = ctl.borrow().done.clone() {
+            let done = ctl.borrow().done.clone();
+            if let Some(why) = done {
                 drop(raw);
                 let mut c = ctl.borrow_mut();
                 c.vm.stop(why.clone());
@@ -314,6 +317,23 @@ impl Controller {
                 crate::snapshot::save(&paused, Path::new(dir)).map_err(|e| e.to_string())?;
                 drop(paused);
                 Ok(json!({"dir": dir, "vcpus": self.vm.vcpu_count()}))
+            }
+            "read_memory" => {
+                let addr = req.get("addr").and_then(Value::as_u64).ok_or("read_memory needs \"addr\"")?;
+                let len = req.get("len").and_then(Value::as_u64).ok_or("read_memory needs \"len\"")?;
+                if len > MAX_READ {
+                    return Err(format!("read_memory reads at most {MAX_READ} bytes"));
+                }
+                let paused = self.vm.pause().map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; len as usize];
+                use vm_memory::Bytes;
+                paused
+                    .memory()
+                    .read_slice(&mut buf, vm_memory::GuestAddress(addr))
+                    .map_err(|e| format!("guest-physical {addr:#x}+{len:#x}: {e}"))?;
+                drop(paused);
+                let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+                Ok(json!({"addr": addr, "hex": hex}))
             }
             other => match self.ext.handle(&self.vm, other, req) {
                 Some(r) => r,

@@ -1,0 +1,286 @@
+//! Test harness: starts `hyperpatch run` as a child process, drives the
+//! guest console through its stdin/stdout, and talks to its control socket.
+//! A cold boot takes minutes here, so `ready_snapshot()` boots the test image
+//! once (per image and vCPU count), snapshots it at the shell prompt, and
+//! every other test restores from that snapshot.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm::api::ApiClient;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hyperpatch");
+pub const READY: &str = "HYPERPATCH-READY";
+/// A cold boot of the test kernel: minutes here, bounded generously.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// One guest shell command: seconds here.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Directory of the built test image (kernel, initramfs, modules).
+pub fn image_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("HYPERPATCH_IMAGE_DIR") {
+        return PathBuf::from(d);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/build");
+    let out = Command::new(&script).arg("--print-dir").output().expect("guest-images/build --print-dir");
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        dir.join("done").exists(),
+        "test image missing: run {} first (the README test command does)",
+        script.display()
+    );
+    dir
+}
+
+/// A fresh scratch directory under the target dir.
+pub fn scratch(name: &str) -> PathBuf {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
+/// A running `hyperpatch run` child with its console.
+pub struct Guest {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    pub console: Arc<Mutex<Vec<u8>>>,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+    pub api_sock: PathBuf,
+    seq: u32,
+    pub dir: PathBuf,
+}
+
+impl Guest {
+    /// Starts `hyperpatch run ARGS --api-sock DIR/api.sock`.
+    pub fn start(name: &str, args: &[&str]) -> Guest {
+        let dir = scratch(name);
+        let api_sock = dir.join("api.sock");
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .arg("--api-sock")
+            .arg(&api_sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hyperpatch");
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let mut out = child.stdout.take().unwrap();
+        let c2 = console.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                c2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let c3 = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                c3.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let stdin = child.stdin.take();
+        Guest { child, stdin, console, stderr, api_sock, seq: 0, dir }
+    }
+
+    /// Boots the test image cold.
+    pub fn boot_test_image(name: &str, vcpus: u32, extra: &[&str]) -> Guest {
+        let v = vcpus.to_string();
+        let mut args = vec!["--vcpus", v.as_str()];
+        args.extend_from_slice(extra);
+        Guest::start(name, &args)
+    }
+
+    /// Restores a guest from a snapshot directory.
+    pub fn restore(name: &str, snapshot: &Path) -> Guest {
+        Guest::start(name, &["--restore", snapshot.to_str().unwrap()])
+    }
+
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console (from byte `from`) contains `pat`; returns
+    /// the offset just past it.
+    pub fn wait_for_from(&mut self, pat: &str, from: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let c = self.console.lock().unwrap();
+                let hay = &c[from.min(c.len())..];
+                if let Some(pos) = find(hay, pat.as_bytes()) {
+                    return from + pos + pat.len();
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("VMM exited ({st}) while waiting for {pat:?}; console:\n{}", self.tail(4000));
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {pat:?}; console:\n{}", self.tail(4000));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> usize {
+        self.wait_for_from(pat, 0, timeout)
+    }
+
+    pub fn console_len(&self) -> usize {
+        self.console.lock().unwrap().len()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let t = format!("{}\n[VMM stderr] {}", self.console_text(), self.stderr_text());
+        let start = t.len().saturating_sub(n);
+        let mut s = start;
+        while !t.is_char_boundary(s) {
+            s += 1;
+        }
+        t[s..].to_string()
+    }
+
+    /// Types raw text on the console.
+    pub fn send(&mut self, text: &str) {
+        let s = self.stdin.as_mut().expect("stdin open");
+        s.write_all(text.as_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+
+    /// Runs a shell command line in the guest and returns its output (the
+    /// lines between two markers; the typed echo is not included).
+    pub fn sh(&mut self, cmd: &str) -> String {
+        self.sh_timeout(cmd, CMD_TIMEOUT)
+    }
+
+    pub fn sh_timeout(&mut self, cmd: &str, timeout: Duration) -> String {
+        self.seq += 1;
+        let n = self.seq;
+        let start_mark = format!("<S{n}>");
+        let end_mark = format!("<E{n}>");
+        let from = self.console_len();
+        // The quotes keep the typed echo from matching the markers.
+        self.send(&format!("echo '<S''{n}>'; {cmd}; echo '<E''{n}>'\n"));
+        let s = self.wait_for_from(&start_mark, from, timeout);
+        let e = self.wait_for_from(&end_mark, s, timeout);
+        let text = self.console_text();
+        let body = &text[s..e - end_mark.len()];
+        body.replace('\r', "").trim_matches('\n').to_string()
+    }
+
+    /// One control API request.
+    pub fn api(&self, req: Value) -> Value {
+        let mut c = ApiClient::connect(&self.api_sock).expect("connect api socket");
+        c.call(&req).expect("api call")
+    }
+
+    pub fn api_ok(&self, req: Value) -> Value {
+        let r = self.api(req.clone());
+        assert_eq!(r["ok"], json!(true), "request {req} failed: {r}");
+        r["result"].clone()
+    }
+
+    /// Waits for the api socket to appear.
+    pub fn wait_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ApiClient::connect(&self.api_sock).is_err() {
+            assert!(Instant::now() < deadline, "api socket never came up; console:\n{}", self.tail(2000));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the VMM process to end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!("VMM did not exit within {timeout:?}; console:\n{}", self.tail(3000));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Serializes cold boots between test processes and finds/creates the
+/// shared ready snapshot.
+struct DirLock(File);
+
+impl DirLock {
+    fn take(path: &Path) -> DirLock {
+        let f = File::create(path).unwrap();
+        // SAFETY: flock on a file we own.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(r, 0);
+        DirLock(f)
+    }
+}
+
+/// Boots the test image once with `vcpus` vCPUs and snapshots it at the
+/// shell prompt; later calls (and later test processes) reuse the snapshot.
+pub fn ready_snapshot(vcpus: u32) -> PathBuf {
+    let image = image_dir();
+    let key = format!(
+        "{}-{}vcpu-v1",
+        image.file_name().unwrap().to_string_lossy(),
+        vcpus
+    );
+    let root = image.parent().unwrap().parent().unwrap().join("snapshots");
+    std::fs::create_dir_all(&root).unwrap();
+    let snap = root.join(&key);
+    let _lock = DirLock::take(&root.join(format!("{key}.lock")));
+    if snap.join("state.json").exists() {
+        return snap;
+    }
+    let mut g = Guest::boot_test_image(&format!("snapboot{vcpus}"), vcpus, &[]);
+    g.wait_for(READY, BOOT_TIMEOUT);
+    // The shell answers: the guest is at its prompt and quiet.
+    let out = g.sh("echo hello-$((6*7))");
+    assert_eq!(out, "hello-42");
+    g.wait_api();
+    let tmp = root.join(format!("{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    g.api_ok(json!({"verb": "snapshot", "dir": tmp}));
+    std::fs::rename(&tmp, &snap).unwrap();
+    g.api_ok(json!({"verb": "shutdown"}));
+    let _ = g.wait_exit(Duration::from_secs(30));
+    snap
+}
