@@ -216,6 +216,34 @@ pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
     Ok(vm)
 }
 
+/// The registers of every vCPU in a snapshot, for offline introspection.
+pub fn load_vcpu_regs(dir: &Path) -> Result<Vec<crate::vm::VcpuRegs>> {
+    let state_path = dir.join(STATE_FILE);
+    let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
+    let state: VmState = serde_json::from_slice(&raw)
+        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
+    Ok(state
+        .vcpus
+        .iter()
+        .map(|v| {
+            let msr = |i: u32| v.msrs.iter().find(|m| m.index == i).map(|m| m.data).unwrap_or(0);
+            crate::vm::VcpuRegs {
+                regs: v.regs,
+                sregs: v.sregs,
+                efer: v.sregs.efer,
+                lstar: msr(crate::vm::MSR_LSTAR),
+                gs_base: v.sregs.gs.base,
+                kernel_gs_base: msr(crate::vm::MSR_KERNEL_GS_BASE),
+            }
+        })
+        .collect())
+}
+
+/// Path of the raw guest-physical memory file inside a snapshot.
+pub fn memory_file(dir: &Path) -> std::path::PathBuf {
+    dir.join(MEMORY_FILE)
+}
+
 fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     fd.set_sregs(&s.sregs).map_err(snap_err("KVM_SET_SREGS"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;

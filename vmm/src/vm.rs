@@ -413,7 +413,9 @@ impl PausedVm<'_> {
         let n = fd.get_msrs(&mut msrs).map_err(e("get_msrs"))?;
         let got = msrs.as_slice();
         let val = |i: usize| if i < n { got.get(i).map(|m| m.data).unwrap_or(0) } else { 0 };
-        Ok(VcpuRegs { regs, sregs, efer: val(0), lstar: val(1), gs_base: val(2), kernel_gs_base: val(3) })
+        // GS base lives in the segment register; the MSR read may not be offered.
+        let gs_base = if n > 2 { val(2) } else { sregs.gs.base };
+        Ok(VcpuRegs { regs, sregs, efer: sregs.efer, lstar: val(1), gs_base, kernel_gs_base: val(3) })
     }
 }
 

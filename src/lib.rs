@@ -1,0 +1,4 @@
+//! The `hyperpatch` binary's library half: glue between the VMM (live
+//! guests), introspection and patching, shared by the CLI and the tests.
+
+pub mod guest;
