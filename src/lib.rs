@@ -2,3 +2,5 @@
 //! guests), introspection and patching, shared by the CLI and the tests.
 
 pub mod guest;
+pub mod inspect;
+pub mod live;

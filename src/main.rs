@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use vmm::api::{ApiClient, Controller, NoExtension};
+use vmm::api::{ApiClient, Controller};
 use vmm::{Vm, VmConfig, VmExit};
 
 /// Command line every guest gets; `--cmdline` and the test image's own
@@ -24,6 +24,9 @@ struct Cli {
     /// Print machine-readable JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Introspect a dump file (from `dump`) instead of a running VM.
+    #[arg(long, global = true, conflicts_with = "api_sock")]
+    image: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,6 +45,29 @@ enum Cmd {
     Shutdown,
     /// Write a snapshot of the VM (memory, vCPUs, devices) to DIR.
     Snapshot { dir: PathBuf },
+    /// Write guest memory and vCPU state to one ELF core file.
+    Dump {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Every guest thread: pid, tgid, comm, state, CPU.
+    Ps,
+    /// Kernel stacks of one task (pid) or of all.
+    Stack { target: String },
+    /// A symbol's address(es), or the symbol at an address (0x...).
+    Sym { query: String },
+    /// A struct's layout from the guest's BTF.
+    Types { name: String },
+    /// A function's ftrace call site and the guest's record for it.
+    Ftrace {
+        function: String,
+        #[arg(long, default_value_t = 0)]
+        sympos: u32,
+    },
+    /// Loaded modules, as /proc/modules.
+    Mods,
+    /// The guest's own livepatches.
+    Klp,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +111,35 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    let introspection = match &cli.cmd {
+        Cmd::Ps => Some(("ps", json!({}))),
+        Cmd::Stack { target } => Some(("stack", json!({"target": target}))),
+        Cmd::Sym { query } => Some(("sym", json!({"query": query}))),
+        Cmd::Types { name } => Some(("types", json!({"struct": name}))),
+        Cmd::Ftrace { function, sympos } => Some(("ftrace", json!({"function": function, "sympos": sympos}))),
+        Cmd::Mods => Some(("mods", json!({}))),
+        Cmd::Klp => Some(("klp", json!({}))),
+        _ => None,
+    };
+    if let Some((verb, mut req)) = introspection {
+        let result = match &cli.image {
+            Some(path) => {
+                let img = introspect::image::DumpImage::open(path).with_context(|| format!("opening {}", path.display()))?;
+                let k = introspect::kernel::Kernel::open(&img, img.cpus.clone()).context("reading the guest kernel")?;
+                hyperpatch::inspect::run_verb(&k, verb, &req)?
+            }
+            None => {
+                req["verb"] = json!(verb);
+                call(cli.api_sock.as_deref(), req)?
+            }
+        };
+        if cli.json {
+            println!("{result}");
+        } else {
+            print!("{}", hyperpatch::inspect::render(verb, &result));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     match cli.cmd {
         Cmd::Run(args) => run(args, cli.api_sock.as_deref()),
         Cmd::Status => client_verb(cli.api_sock.as_deref(), json!({"verb": "status"}), cli.json),
@@ -95,6 +150,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let dir = absolute(&dir)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
         }
+        Cmd::Dump { out } => {
+            let out = absolute(&out)?;
+            client_verb(cli.api_sock.as_deref(), json!({"verb": "dump", "out": out}), cli.json)
+        }
+        _ => unreachable!("introspection verbs are handled above"),
     }
 }
 
@@ -158,7 +218,7 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         let cfg = VmConfig { kernel, initrd, cmdline, vcpus, mem_mib: args.mem, reserved_mib: args.reserved };
         Vm::boot(&cfg, console)?
     };
-    let ctl = Controller::new(vm, api_sock, true, Box::new(NoExtension))?;
+    let ctl = Controller::new(vm, api_sock, true, Box::new(hyperpatch::live::IntrospectApi::default()))?;
     match ctl.run()? {
         VmExit::Reset | VmExit::Shutdown => Ok(ExitCode::SUCCESS),
         VmExit::Panic => bail!("the guest kernel panicked"),
@@ -166,15 +226,20 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
     }
 }
 
-fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
-    let sock = api_sock.ok_or_else(|| anyhow!("this command needs --api-sock"))?;
+/// One request to a running VM; its result or its error.
+fn call(api_sock: Option<&Path>, req: Value) -> Result<Value> {
+    let sock = api_sock.ok_or_else(|| anyhow!("this command needs --api-sock (or --image for introspection)"))?;
     let mut c = ApiClient::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
     let reply = c.call(&req).context("talking to the VM")?;
     if reply.get("ok").and_then(Value::as_bool) != Some(true) {
         let msg = reply.get("error").and_then(Value::as_str).unwrap_or("malformed reply");
         bail!("{msg}");
     }
-    let result = reply.get("result").cloned().unwrap_or(Value::Null);
+    Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+}
+
+fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
+    let result = call(api_sock, req)?;
     if as_json {
         println!("{result}");
     } else {

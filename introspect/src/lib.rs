@@ -5,9 +5,19 @@
 //! paused VM or a dump file. Guest memory is untrusted: every walk is
 //! bounded and every failure is an error value.
 
+pub mod btf;
 pub mod cpu;
 pub mod error;
+pub mod ftrace;
+pub mod image;
+pub mod kallsyms;
+pub mod kernel;
+pub mod klp;
 pub mod memory;
+pub mod modules;
+pub mod orc;
+pub mod stacks;
+pub mod tasks;
 pub mod translate;
 
 pub use cpu::CpuState;

@@ -258,11 +258,7 @@ impl DirLock {
 /// shell prompt; later calls (and later test processes) reuse the snapshot.
 pub fn ready_snapshot(vcpus: u32) -> PathBuf {
     let image = image_dir();
-    let key = format!(
-        "{}-{}vcpu-v1",
-        image.file_name().unwrap().to_string_lossy(),
-        vcpus
-    );
+    let key = format!("{}-{}vcpu-v1", image.file_name().unwrap().to_string_lossy(), vcpus);
     let root = image.parent().unwrap().parent().unwrap().join("snapshots");
     std::fs::create_dir_all(&root).unwrap();
     let snap = root.join(&key);

@@ -1,0 +1,189 @@
+//! ftrace call sites: where a function's 5-byte site is, what it holds now
+//! (decoded with iced-x86), and what the guest's own ftrace records say.
+
+use std::collections::HashMap;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
+
+use crate::error::{IntrospectError, Result};
+use crate::kernel::Kernel;
+use crate::translate::KernelMemory;
+
+/// The 5-byte NOP boot writes into every traceable site.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// Most records we read before calling the ftrace pages corrupted.
+pub const MAX_RECORDS: usize = 1 << 20;
+const MAX_PAGES: usize = 1 << 16;
+
+// dyn_ftrace.flags bits (include/linux/ftrace.h, 6.1).
+pub const FTRACE_FL_ENABLED: u64 = 1 << 31;
+pub const FTRACE_FL_REGS: u64 = 1 << 30;
+pub const FTRACE_FL_REGS_EN: u64 = 1 << 29;
+pub const FTRACE_FL_TRAMP: u64 = 1 << 28;
+pub const FTRACE_FL_TRAMP_EN: u64 = 1 << 27;
+pub const FTRACE_FL_IPMODIFY: u64 = 1 << 26;
+pub const FTRACE_FL_DISABLED: u64 = 1 << 25;
+pub const FTRACE_REF_MASK: u64 = (1 << 23) - 1;
+
+/// What the 5 bytes at a site are.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SiteInsn {
+    /// The ftrace NOP: nobody traces or patches this function.
+    Nop,
+    /// `call target` (the guest's ftrace).
+    Call { target: u64 },
+    /// `jmp target` (hyperpatch, or a livepatch trampoline).
+    Jmp { target: u64 },
+    /// Anything else.
+    Other { text: String },
+}
+
+/// One function's ftrace call site.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CallSite {
+    pub function: String,
+    pub func_addr: u64,
+    /// Address of the 5-byte site (after `endbr64` when present).
+    pub site: u64,
+    pub bytes: [u8; 5],
+    pub insn: SiteInsn,
+    /// Intel syntax of the site instruction.
+    pub text: String,
+    /// Symbol of a call/jmp target.
+    pub target_symbol: Option<String>,
+    /// The guest's ftrace record for the site, if the function is traceable.
+    pub record: Option<FtraceRecord>,
+}
+
+/// `struct dyn_ftrace` as the guest keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FtraceRecord {
+    pub ip: u64,
+    pub flags: u64,
+}
+
+impl FtraceRecord {
+    /// The guest's ftrace has this site turned on (a tracer or a livepatch).
+    pub fn enabled(&self) -> bool {
+        self.flags & FTRACE_FL_ENABLED != 0
+    }
+    /// Number of ftrace_ops that want this site.
+    pub fn refcount(&self) -> u64 {
+        self.flags & FTRACE_REF_MASK
+    }
+    /// ftrace refuses to touch the site (e.g. init text freed).
+    pub fn disabled(&self) -> bool {
+        self.flags & FTRACE_FL_DISABLED != 0
+    }
+}
+
+/// Decodes the 5 bytes at `site`.
+pub fn decode_site(bytes: &[u8; 5], site: u64) -> (SiteInsn, String) {
+    if *bytes == NOP5 {
+        return (SiteInsn::Nop, "nop dword ptr [rax+rax]".into());
+    }
+    let mut d = Decoder::with_ip(64, bytes, site, DecoderOptions::NONE);
+    let insn = d.decode();
+    let mut text = String::new();
+    IntelFormatter::new().format(&insn, &mut text);
+    if insn.is_invalid() || insn.len() != 5 {
+        return (SiteInsn::Other { text: text.clone() }, text);
+    }
+    let kind = match insn.mnemonic() {
+        Mnemonic::Call => SiteInsn::Call { target: insn.near_branch_target() },
+        Mnemonic::Jmp => SiteInsn::Jmp { target: insn.near_branch_target() },
+        Mnemonic::Nop => SiteInsn::Nop,
+        _ => SiteInsn::Other { text: text.clone() },
+    };
+    (kind, text)
+}
+
+/// All of the guest's ftrace records, by site address.
+pub struct FtraceRecords {
+    pub by_ip: HashMap<u64, FtraceRecord>,
+}
+
+impl Kernel<'_> {
+    /// Reads every `dyn_ftrace` from `ftrace_pages_start` (the boot-time
+    /// `__start_mcount_loc` is freed init data).
+    pub fn ftrace_records(&self) -> Result<FtraceRecords> {
+        let next_off = self.off("ftrace_page", "next")?;
+        let records_off = self.off("ftrace_page", "records")?;
+        let index_off = self.off("ftrace_page", "index")?;
+        let rec_size = self.btf.struct_size("dyn_ftrace")?;
+        let ip_off = self.off("dyn_ftrace", "ip")?;
+        let flags_off = self.off("dyn_ftrace", "flags")?;
+        let mut page = self.mem.read_u64(self.sym("ftrace_pages_start")?)?;
+        let mut by_ip = HashMap::new();
+        let mut pages = 0usize;
+        while page != 0 {
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(IntrospectError::WalkLimit { what: "ftrace pages".into(), limit: MAX_PAGES });
+            }
+            let records = self.read_ptr(page, records_off)?;
+            let index = self.mem.read_i32(page.checked_add(index_off).ok_or(IntrospectError::Overflow(page))?)?;
+            let count = usize::try_from(index).map_err(|_| IntrospectError::Corrupt(format!("ftrace page {page:#x} index {index}")))?;
+            if by_ip.len() + count > MAX_RECORDS {
+                return Err(IntrospectError::WalkLimit { what: "ftrace records".into(), limit: MAX_RECORDS });
+            }
+            let total = (count as u64).checked_mul(rec_size).ok_or(IntrospectError::Overflow(records))?;
+            let raw = self.mem.read_bytes(records, usize::try_from(total).map_err(|_| IntrospectError::Overflow(total))?)?;
+            for i in 0..count {
+                let base = (i as u64 * rec_size) as usize;
+                let field = |o: u64| -> Option<u64> {
+                    let s = base.checked_add(o as usize)?;
+                    let b = raw.get(s..s + 8)?;
+                    Some(u64::from_le_bytes(b.try_into().ok()?))
+                };
+                if let (Some(ip), Some(flags)) = (field(ip_off), field(flags_off)) {
+                    by_ip.insert(ip, FtraceRecord { ip, flags });
+                }
+            }
+            page = self.read_ptr(page, next_off)?;
+        }
+        Ok(FtraceRecords { by_ip })
+    }
+
+    /// The call site of function `name` (`sympos` as livepatch counts it).
+    pub fn call_site(&self, name: &str, sympos: u32, records: &FtraceRecords) -> Result<CallSite> {
+        let func_addr = self.syms.address_of(name, sympos)?;
+        let head = self.mem.read_bytes(func_addr, 9)?;
+        let site = if head.get(..4) == Some(&ENDBR64[..]) { func_addr + 4 } else { func_addr };
+        let mut bytes = [0u8; 5];
+        self.mem.read_virt(site, &mut bytes)?;
+        let (insn, text) = decode_site(&bytes, site);
+        let target_symbol = match &insn {
+            SiteInsn::Call { target } | SiteInsn::Jmp { target } => self.syms.resolve(*target).map(|s| s.format()),
+            _ => None,
+        };
+        Ok(CallSite {
+            function: name.to_string(),
+            func_addr,
+            site,
+            bytes,
+            insn,
+            text,
+            target_symbol,
+            record: records.by_ip.get(&site).copied(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_nop_call_jmp() {
+        assert_eq!(decode_site(&NOP5, 0x1000).0, SiteInsn::Nop);
+        // call +0x100 from 0x1000: target 0x1105
+        let (k, _) = decode_site(&[0xe8, 0x00, 0x01, 0x00, 0x00], 0x1000);
+        assert_eq!(k, SiteInsn::Call { target: 0x1105 });
+        let (k, _) = decode_site(&[0xe9, 0xfb, 0xff, 0xff, 0xff], 0x1000);
+        assert_eq!(k, SiteInsn::Jmp { target: 0x1000 });
+        let (k, _) = decode_site(&[0x55, 0x48, 0x89, 0xe5, 0x90], 0x1000);
+        assert!(matches!(k, SiteInsn::Other { .. }));
+    }
+}

@@ -1,0 +1,115 @@
+//! The guest kernel as introspection sees it: one address space, its
+//! kallsyms, its BTF and the vCPUs' registers, plus the struct offsets the
+//! rest of the crate needs, all taken from BTF once.
+
+use crate::btf::Btf;
+use crate::cpu::CpuState;
+use crate::error::{IntrospectError, Result};
+use crate::kallsyms::Kallsyms;
+use crate::memory::PhysMem;
+use crate::translate::{AddressSpace, KernelMemory};
+
+/// Link-time start of x86_64 kernel text; the KASLR slide is measured from it.
+pub const LINK_TEXT_BASE: u64 = 0xffff_ffff_8100_0000;
+
+/// A guest kernel opened for reading.
+pub struct Kernel<'m> {
+    pub mem: AddressSpace<'m>,
+    pub syms: Kallsyms,
+    pub btf: Btf,
+    pub cpus: Vec<CpuState>,
+}
+
+/// Where the kernel's randomized regions are.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct KernelLayout {
+    /// Runtime address of `_text`.
+    pub text_base: u64,
+    /// `_text` minus its link-time address.
+    pub kaslr_slide: i64,
+    pub page_offset_base: u64,
+    pub vmalloc_base: u64,
+    pub vmemmap_base: u64,
+}
+
+impl<'m> Kernel<'m> {
+    /// Opens the guest kernel: page tables from vCPU 0's CR3, kallsyms from
+    /// memory (found from LSTAR), BTF from `__start_BTF`..`__stop_BTF`.
+    pub fn open(phys: &'m dyn PhysMem, cpus: Vec<CpuState>) -> Result<Kernel<'m>> {
+        let cpu0 = *cpus.first().ok_or_else(|| IntrospectError::Corrupt("no vCPU state".into()))?;
+        if cpu0.lstar == 0 {
+            return Err(IntrospectError::Corrupt("MSR_LSTAR is 0: the guest kernel has not set up syscalls yet".into()));
+        }
+        let mem = AddressSpace::new(phys, cpu0.cr3, cpu0.la57());
+        let syms = Kallsyms::locate(&mem, cpu0.lstar)?;
+        let start = syms.lookup_unique("__start_BTF")?;
+        let stop = syms.lookup_unique("__stop_BTF")?;
+        let btf = Btf::from_memory(&mem, start, stop)?;
+        Ok(Kernel { mem, syms, btf, cpus })
+    }
+
+    /// Reassembles a kernel view from kallsyms and BTF decoded earlier (they
+    /// live in kernel image memory that does not change while it runs).
+    pub fn from_parts(phys: &'m dyn PhysMem, cpus: Vec<CpuState>, syms: Kallsyms, btf: Btf) -> Result<Kernel<'m>> {
+        let cpu0 = *cpus.first().ok_or_else(|| IntrospectError::Corrupt("no vCPU state".into()))?;
+        let mem = AddressSpace::new(phys, cpu0.cr3, cpu0.la57());
+        Ok(Kernel { mem, syms, btf, cpus })
+    }
+
+    /// Address of a unique kernel symbol.
+    pub fn sym(&self, name: &str) -> Result<u64> {
+        self.syms.lookup_unique(name)
+    }
+
+    /// Byte offset of `path` (dotted, nested) in `struct ty`.
+    pub fn off(&self, ty: &str, path: &str) -> Result<u64> {
+        self.btf.member_offset(ty, path)
+    }
+
+    /// Reads a pointer-sized field.
+    pub fn read_ptr(&self, base: u64, off: u64) -> Result<u64> {
+        self.mem.read_u64(base.checked_add(off).ok_or(IntrospectError::Overflow(base))?)
+    }
+
+    /// Text base, KASLR slide and the randomized region bases.
+    pub fn layout(&self) -> Result<KernelLayout> {
+        let text_base = self.sym("_text")?;
+        let var = |name: &str, default: u64| -> u64 {
+            self.syms
+                .lookup_unique(name)
+                .ok()
+                .and_then(|a| self.mem.read_u64(a).ok())
+                .unwrap_or(default)
+        };
+        Ok(KernelLayout {
+            text_base,
+            kaslr_slide: text_base.wrapping_sub(LINK_TEXT_BASE) as i64,
+            page_offset_base: var("page_offset_base", 0xffff_8880_0000_0000),
+            vmalloc_base: var("vmalloc_base", 0xffff_c900_0000_0000),
+            vmemmap_base: var("vmemmap_base", 0xffff_ea00_0000_0000),
+        })
+    }
+
+    /// Address of per-CPU variable `name` for `cpu`
+    /// (`__per_cpu_offset[cpu]` + the symbol's per-CPU offset).
+    pub fn per_cpu(&self, name: &str, cpu: usize) -> Result<u64> {
+        let var = self.sym(name)?;
+        let table = self.sym("__per_cpu_offset")?;
+        let slot = table
+            .checked_add((cpu as u64).checked_mul(8).ok_or(IntrospectError::Overflow(table))?)
+            .ok_or(IntrospectError::Overflow(table))?;
+        let off = self.mem.read_u64(slot)?;
+        var.checked_add(off).ok_or(IntrospectError::Overflow(var))
+    }
+
+    /// The task running on vCPU `cpu` (`pcpu_hot.current_task` on newer
+    /// kernels, `current_task` on 6.1).
+    pub fn current_task(&self, cpu: usize) -> Result<u64> {
+        if let Ok(a) = self.per_cpu("pcpu_hot", cpu) {
+            let off = self.off("pcpu_hot", "current_task")?;
+            return self.read_ptr(a, off);
+        }
+        let a = self.per_cpu("current_task", cpu)?;
+        self.mem.read_u64(a)
+    }
+}

@@ -1,0 +1,192 @@
+//! Every thread of the guest: processes through `init_task.tasks`, threads
+//! through `signal->thread_head`, each walk bounded and cycle-safe.
+
+use std::collections::HashSet;
+
+use crate::error::{IntrospectError, Result};
+use crate::kernel::Kernel;
+use crate::translate::KernelMemory;
+
+/// Most tasks we walk before calling the list corrupted.
+pub const MAX_TASKS: usize = 1 << 16;
+/// x86_64 kernel stack size (THREAD_SIZE with 4 KiB pages, no KASAN).
+pub const THREAD_SIZE: u64 = 16 << 10;
+const TASK_COMM_LEN: usize = 16;
+
+/// One guest thread.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Task {
+    /// Address of its `task_struct`.
+    pub addr: u64,
+    pub pid: i32,
+    pub tgid: i32,
+    pub comm: String,
+    /// State letter as /proc shows it (R, S, D, T, t, X, Z, P, I).
+    pub state: char,
+    /// CPU it last ran on.
+    pub cpu: u32,
+    /// The vCPU it is running on right now, if any.
+    pub running_on: Option<usize>,
+    /// Kernel stack base (`task->stack`).
+    pub stack: u64,
+    /// Saved kernel stack pointer (`task->thread.sp`) while switched out.
+    pub thread_sp: u64,
+}
+
+/// Offsets of `task_struct` and friends, from BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskLayout {
+    pub tasks: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub state: u64,
+    pub exit_state: u64,
+    pub flags: u64,
+    pub cpu: u64,
+    pub stack: u64,
+    pub thread_sp: u64,
+    pub signal: u64,
+    pub thread_node: u64,
+    pub signal_thread_head: u64,
+}
+
+impl TaskLayout {
+    pub fn from_btf(k: &Kernel<'_>) -> Result<TaskLayout> {
+        let cpu = k.off("task_struct", "cpu").or_else(|_| k.off("task_struct", "thread_info.cpu"))?;
+        let state = k.off("task_struct", "__state").or_else(|_| k.off("task_struct", "state"))?;
+        Ok(TaskLayout {
+            tasks: k.off("task_struct", "tasks")?,
+            pid: k.off("task_struct", "pid")?,
+            tgid: k.off("task_struct", "tgid")?,
+            comm: k.off("task_struct", "comm")?,
+            state,
+            exit_state: k.off("task_struct", "exit_state")?,
+            flags: k.off("task_struct", "flags")?,
+            cpu,
+            stack: k.off("task_struct", "stack")?,
+            thread_sp: k.off("task_struct", "thread.sp")?,
+            signal: k.off("task_struct", "signal")?,
+            thread_node: k.off("task_struct", "thread_node")?,
+            signal_thread_head: k.off("signal_struct", "thread_head")?,
+        })
+    }
+}
+
+/// /proc's state letter for `__state | exit_state` (fs/proc/array.c).
+pub fn state_letter(state: u32, exit_state: u32) -> char {
+    const TASK_REPORT: u32 = 0x7f;
+    const TASK_IDLE: u32 = 0x402; // TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+    if state & TASK_IDLE == TASK_IDLE {
+        return 'I';
+    }
+    let s = (state | exit_state) & TASK_REPORT;
+    let index = if s == 0 { 0 } else { 32 - s.leading_zeros() as usize };
+    "RSDTtXZPI".chars().nth(index).unwrap_or('?')
+}
+
+fn container(ptr: u64, off: u64) -> Result<u64> {
+    ptr.checked_sub(off).ok_or_else(|| IntrospectError::Corrupt(format!("list pointer {ptr:#x} below its offset")))
+}
+
+/// Follows a `list_head` ring from `head`, returning the entries' addresses
+/// (`container_of` with `off`). Stops at `head`; a ring longer than `limit`
+/// or one that revisits an entry is an error.
+pub fn walk_list(mem: &dyn KernelMemory, head: u64, off: u64, limit: usize, what: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cur = mem.read_u64(head)?;
+    while cur != head {
+        if out.len() >= limit || !seen.insert(cur) {
+            return Err(IntrospectError::WalkLimit { what: what.into(), limit });
+        }
+        out.push(container(cur, off)?);
+        cur = mem.read_u64(cur)?;
+    }
+    Ok(out)
+}
+
+impl Kernel<'_> {
+    /// Reads one task.
+    pub fn task_at(&self, l: &TaskLayout, addr: u64) -> Result<Task> {
+        let at = |o: u64| addr.checked_add(o).ok_or(IntrospectError::Overflow(addr));
+        let comm_raw = self.mem.read_bytes(at(l.comm)?, TASK_COMM_LEN)?;
+        let end = comm_raw.iter().position(|b| *b == 0).unwrap_or(comm_raw.len());
+        let comm = String::from_utf8_lossy(comm_raw.get(..end).unwrap_or(&[])).into_owned();
+        let state = self.mem.read_u32(at(l.state)?)?;
+        let exit_state = self.mem.read_u32(at(l.exit_state)?)?;
+        Ok(Task {
+            addr,
+            pid: self.mem.read_i32(at(l.pid)?)?,
+            tgid: self.mem.read_i32(at(l.tgid)?)?,
+            comm,
+            state: state_letter(state, exit_state),
+            cpu: self.mem.read_u32(at(l.cpu)?)?,
+            running_on: None,
+            stack: self.mem.read_u64(at(l.stack)?)?,
+            thread_sp: self.mem.read_u64(at(l.thread_sp)?)?,
+        })
+    }
+
+    /// Every thread (idle tasks of other CPUs included when running), in
+    /// process-list order, threads after their group leader.
+    pub fn tasks(&self) -> Result<Vec<Task>> {
+        let l = TaskLayout::from_btf(self)?;
+        let init = self.sym("init_task")?;
+        let mut leaders = vec![init];
+        let head = init.checked_add(l.tasks).ok_or(IntrospectError::Overflow(init))?;
+        leaders.extend(walk_list(&self.mem, head, l.tasks, MAX_TASKS, "task list")?);
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for leader in leaders {
+            let signal = self.read_ptr(leader, l.signal)?;
+            let threads = if signal == 0 {
+                vec![leader]
+            } else {
+                let th = signal.checked_add(l.signal_thread_head).ok_or(IntrospectError::Overflow(signal))?;
+                let v = walk_list(&self.mem, th, l.thread_node, MAX_TASKS, "thread list")?;
+                if v.is_empty() {
+                    vec![leader]
+                } else {
+                    v
+                }
+            };
+            for t in threads {
+                if out.len() >= MAX_TASKS {
+                    return Err(IntrospectError::WalkLimit { what: "tasks".into(), limit: MAX_TASKS });
+                }
+                if seen.insert(t) {
+                    out.push(self.task_at(&l, t)?);
+                }
+            }
+        }
+        for cpu in 0..self.cpus.len() {
+            if let Ok(cur) = self.current_task(cpu) {
+                if let Some(t) = out.iter_mut().find(|t| t.addr == cur) {
+                    t.running_on = Some(cpu);
+                } else if cur != 0 && seen.insert(cur) {
+                    // The idle task of a secondary CPU is on no list.
+                    let mut t = self.task_at(&l, cur)?;
+                    t.running_on = Some(cpu);
+                    out.push(t);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_letters_match_proc() {
+        assert_eq!(state_letter(0, 0), 'R');
+        assert_eq!(state_letter(1, 0), 'S');
+        assert_eq!(state_letter(2, 0), 'D');
+        assert_eq!(state_letter(0x402, 0), 'I');
+        assert_eq!(state_letter(0, 32), 'Z');
+        assert_eq!(state_letter(4, 0), 'T');
+    }
+}

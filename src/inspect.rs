@@ -1,0 +1,216 @@
+//! Introspection verbs (`ps`, `stack`, `sym`, `types`, `ftrace`, `mods`,
+//! `klp`): one implementation over an opened [`Kernel`], served by the live
+//! API and by `--image` alike, with a JSON result and a text view.
+
+use anyhow::{anyhow, bail, Context, Result};
+use introspect::kernel::Kernel;
+use serde_json::{json, Value};
+
+/// Verbs this module answers.
+pub const VERBS: &[&str] = &["ps", "stack", "sym", "types", "ftrace", "mods", "klp", "layout"];
+
+/// Runs `verb` with the request's arguments against `k`.
+pub fn run_verb(k: &Kernel<'_>, verb: &str, req: &Value) -> Result<Value> {
+    let arg = |name: &str| req.get(name).and_then(Value::as_str).map(str::to_owned);
+    match verb {
+        "ps" => Ok(serde_json::to_value(k.tasks()?)?),
+        "layout" => Ok(serde_json::to_value(k.layout()?)?),
+        "stack" => {
+            let target = arg("target").unwrap_or_else(|| "all".into());
+            Ok(serde_json::to_value(k.task_stacks(&target)?)?)
+        }
+        "sym" => {
+            let q = arg("query").ok_or_else(|| anyhow!("sym needs a name or an address"))?;
+            sym(k, &q)
+        }
+        "types" => {
+            let s = arg("struct").ok_or_else(|| anyhow!("types needs a struct name"))?;
+            let members = k.btf.describe_struct(&s)?;
+            Ok(json!({"struct": s, "size": k.btf.struct_size(&s)?, "members": serde_json::to_value(members)?}))
+        }
+        "ftrace" => {
+            let f = arg("function").ok_or_else(|| anyhow!("ftrace needs a function name"))?;
+            let sympos = req.get("sympos").and_then(Value::as_u64).unwrap_or(0) as u32;
+            let records = k.ftrace_records()?;
+            Ok(serde_json::to_value(k.call_site(&f, sympos, &records)?)?)
+        }
+        "mods" => {
+            let mods = k.modules()?;
+            Ok(Value::Array(
+                mods.iter()
+                    .map(|m| {
+                        let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+                        if let Value::Object(o) = &mut v {
+                            o.insert("proc_line".into(), Value::String(m.proc_line()));
+                        }
+                        v
+                    })
+                    .collect(),
+            ))
+        }
+        "klp" => Ok(serde_json::to_value(k.klp_patches()?)?),
+        other => bail!("unknown introspection verb {other:?}"),
+    }
+}
+
+fn parse_addr(q: &str) -> Option<u64> {
+    let h = q.strip_prefix("0x").or_else(|| q.strip_prefix("0X"))?;
+    u64::from_str_radix(h, 16).ok()
+}
+
+fn sym(k: &Kernel<'_>, q: &str) -> Result<Value> {
+    if let Some(addr) = parse_addr(q) {
+        if let Some(s) = k.syms.resolve(addr) {
+            return Ok(json!({"addr": addr, "symbol": s.format(), "name": s.name, "offset": s.offset, "size": s.size}));
+        }
+        for m in k.modules()? {
+            if let Some(best) = k
+                .module_symbols(&m)?
+                .into_iter()
+                .filter(|s| s.addr <= addr)
+                .max_by_key(|s| s.addr)
+                .filter(|_| addr >= m.core_base && addr < m.core_base + m.core_size)
+            {
+                return Ok(json!({"addr": addr, "symbol": format!("{}+{:#x} [{}]", best.name, addr - best.addr, m.name), "name": best.name, "offset": addr - best.addr, "module": m.name}));
+            }
+        }
+        bail!("no symbol covers {addr:#x}");
+    }
+    let mut hits: Vec<Value> = k
+        .syms
+        .lookup_symbols(q)
+        .into_iter()
+        .map(|s| json!({"name": q, "addr": s.addr, "type": s.kind.to_string(), "module": Value::Null}))
+        .collect();
+    for m in k.modules().context("reading modules")? {
+        for s in k.module_symbols(&m)? {
+            if s.name == q {
+                hits.push(json!({"name": q, "addr": s.addr, "type": s.kind.to_string(), "module": m.name}));
+            }
+        }
+    }
+    if hits.is_empty() {
+        bail!("symbol {q:?} not found in guest kallsyms or module symbols");
+    }
+    Ok(Value::Array(hits))
+}
+
+/// The text view of a verb's JSON result.
+pub fn render(verb: &str, v: &Value) -> String {
+    let mut out = String::new();
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let hex = |v: &Value| v.as_u64().map(|n| format!("{n:#x}")).unwrap_or_else(|| s(v));
+    match verb {
+        "ps" => {
+            out.push_str(&format!("{:>6} {:>6} {:<16} {:>2} {:>3} {:>4}\n", "PID", "TGID", "COMM", "S", "CPU", "vCPU"));
+            for t in v.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:>6} {:>6} {:<16} {:>2} {:>3} {:>4}\n",
+                    s(&t["pid"]),
+                    s(&t["tgid"]),
+                    s(&t["comm"]),
+                    s(&t["state"]),
+                    s(&t["cpu"]),
+                    s(&t["running_on"])
+                ));
+            }
+        }
+        "stack" => {
+            for t in v.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "pid {} ({}) {}{}\n",
+                    s(&t["pid"]),
+                    s(&t["comm"]),
+                    if t["reliable"].as_bool() == Some(true) { "reliable" } else { "UNRELIABLE" },
+                    t["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+                ));
+                for f in t["frames"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("  [<{}>] {}\n", hex(&f["ip"]), s(&f["symbol"])));
+                }
+            }
+        }
+        "sym" => match v {
+            Value::Array(a) => {
+                for h in a {
+                    let m = h["module"].as_str().map(|m| format!(" [{m}]")).unwrap_or_default();
+                    out.push_str(&format!("{:016x} {} {}{}\n", h["addr"].as_u64().unwrap_or(0), s(&h["type"]), s(&h["name"]), m));
+                }
+            }
+            other => out.push_str(&format!("{} {}\n", hex(&other["addr"]), s(&other["symbol"]))),
+        },
+        "types" => {
+            out.push_str(&format!("struct {} {{ /* size {} */\n", s(&v["struct"]), s(&v["size"])));
+            for m in v["members"].as_array().into_iter().flatten() {
+                let indent = "    ".repeat(1 + m["depth"].as_u64().unwrap_or(0) as usize);
+                let bits = match m["bitfield_size"].as_u64() {
+                    Some(b) if b > 0 => format!(":{b}"),
+                    _ => String::new(),
+                };
+                out.push_str(&format!(
+                    "{indent}{}{bits}; /* {} {} */\n",
+                    s(&m["decl"]),
+                    s(&m["offset"]),
+                    s(&m["size"])
+                ));
+            }
+            out.push_str("};\n");
+        }
+        "ftrace" => {
+            out.push_str(&format!(
+                "{} at {} site {}: {} ({})\n",
+                s(&v["function"]),
+                hex(&v["func_addr"]),
+                hex(&v["site"]),
+                s(&v["text"]),
+                s(&v["target_symbol"])
+            ));
+            match v.get("record") {
+                Some(Value::Object(r)) => out.push_str(&format!(
+                    "ftrace record: flags {} ({})\n",
+                    hex(&r["flags"]),
+                    if r["flags"].as_u64().unwrap_or(0) & introspect::ftrace::FTRACE_FL_ENABLED != 0 { "enabled" } else { "not enabled" }
+                )),
+                _ => out.push_str("no ftrace record (notrace function)\n"),
+            }
+        }
+        "mods" => {
+            for m in v.as_array().into_iter().flatten() {
+                out.push_str(&format!("{}\n", s(&m["proc_line"])));
+            }
+        }
+        "klp" => {
+            for p in v.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{} enabled={} transition={} replace={}\n",
+                    s(&p["name"]),
+                    s(&p["enabled"]),
+                    s(&p["transition"]),
+                    s(&p["replace"])
+                ));
+                for st in p["states"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("  state id={} version={}\n", s(&st["id"]), s(&st["version"])));
+                }
+                for o in p["objects"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("  object {} patched={}\n", o["name"].as_str().unwrap_or("vmlinux"), s(&o["patched"])));
+                    for f in o["funcs"].as_array().into_iter().flatten() {
+                        out.push_str(&format!(
+                            "    {},{} old={} new={} patched={} transition={}\n",
+                            s(&f["old_name"]),
+                            s(&f["old_sympos"]),
+                            hex(&f["old_func"]),
+                            s(&f["new_func_symbol"]),
+                            s(&f["patched"]),
+                            s(&f["transition"])
+                        ));
+                    }
+                }
+            }
+        }
+        _ => out.push_str(&format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())),
+    }
+    out
+}
