@@ -68,6 +68,39 @@ enum Cmd {
     Mods,
     /// The guest's own livepatches.
     Klp,
+    /// Apply a livepatch module (.ko) to the running guest from outside.
+    Apply {
+        module: PathBuf,
+        /// Atomic replace (the module's init would set it from a parameter).
+        #[arg(long)]
+        replace: bool,
+        /// Switch even when a changed function is on a stack (unsafe).
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a safe point.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Disable a patch (the patch below it on each func stack takes over).
+    Disable {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Enable a disabled patch again.
+    Enable {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Forget a disabled patch and free its guest memory.
+    Remove { name: String },
+    /// Patches in stack order with their functions and states.
+    List,
 }
 
 #[derive(clap::Args)]
@@ -150,6 +183,26 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let dir = absolute(&dir)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
         }
+        Cmd::Apply { module, replace, force, timeout } => {
+            let path = absolute(&module)?;
+            let mut req = json!({"verb": "apply", "path": path, "force": force, "timeout_secs": timeout});
+            if replace {
+                req["replace"] = json!(true);
+            }
+            patch_verb(cli.api_sock.as_deref(), req, cli.json)
+        }
+        Cmd::Disable { name, force, timeout } => patch_verb(
+            cli.api_sock.as_deref(),
+            json!({"verb": "disable", "name": name, "force": force, "timeout_secs": timeout}),
+            cli.json,
+        ),
+        Cmd::Enable { name, force, timeout } => patch_verb(
+            cli.api_sock.as_deref(),
+            json!({"verb": "enable", "name": name, "force": force, "timeout_secs": timeout}),
+            cli.json,
+        ),
+        Cmd::Remove { name } => patch_verb(cli.api_sock.as_deref(), json!({"verb": "remove", "name": name}), cli.json),
+        Cmd::List => patch_verb(cli.api_sock.as_deref(), json!({"verb": "list"}), cli.json),
         Cmd::Dump { out } => {
             let out = absolute(&out)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "dump", "out": out}), cli.json)
@@ -218,7 +271,8 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         let cfg = VmConfig { kernel, initrd, cmdline, vcpus, mem_mib: args.mem, reserved_mib: args.reserved };
         Vm::boot(&cfg, console)?
     };
-    let ctl = Controller::new(vm, api_sock, true, Box::new(hyperpatch::live::IntrospectApi::default()))?;
+    let api = hyperpatch::live::GuestApi::new(&vm);
+    let ctl = Controller::new(vm, api_sock, true, Box::new(api))?;
     match ctl.run()? {
         VmExit::Reset | VmExit::Shutdown => Ok(ExitCode::SUCCESS),
         VmExit::Panic => bail!("the guest kernel panicked"),
@@ -244,6 +298,44 @@ fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exi
         println!("{result}");
     } else {
         print_table(&result);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
+    let verb = req["verb"].as_str().unwrap_or("").to_string();
+    let r = call(api_sock, req)?;
+    if as_json {
+        println!("{r}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if verb == "list" {
+        for p in r["patches"].as_array().into_iter().flatten() {
+            println!(
+                "{} enabled={} transition={} replace={}{}",
+                p["name"].as_str().unwrap_or("?"),
+                p["enabled"],
+                p["transition"],
+                p["replace"],
+                if p["forced"].as_bool() == Some(true) { " FORCED" } else { "" }
+            );
+            for s in p["states"].as_array().into_iter().flatten() {
+                println!("  state id={} version={}", s["id"], s["version"]);
+            }
+            for f in p["functions"].as_array().into_iter().flatten() {
+                println!(
+                    "  {},{} {:#x} -> {} {:#x}",
+                    f["old_name"].as_str().unwrap_or("?"),
+                    f["old_sympos"],
+                    f["old_addr"].as_u64().unwrap_or(0),
+                    f["new_symbol"].as_str().unwrap_or("?"),
+                    f["new_addr"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        println!("reserved region in use: {} bytes", r["reserved_used"]);
+    } else {
+        print_table(&r);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,17 @@ const MAX_DEPTH: usize = 64;
 const MAX_VISITS: usize = 1 << 16;
 /// Most lines one struct description may have.
 const MAX_DESCRIBED: usize = 1 << 16;
+/// Most members one member lookup may examine, all struct/union levels
+/// together (a lookup in `task_struct` examines a few hundred).
+const MAX_MEMBER_STEPS: usize = 1 << 20;
+/// Most type nodes one whole struct description may expand, all members'
+/// declarations together.
+const MAX_DESCRIBE_VISITS: usize = 1 << 18;
+/// Longest name accepted in the string section (the kernel's own BTF check
+/// stops identifiers at KSYM_NAME_LEN, 512).
+const MAX_NAME_LEN: usize = 1024;
+/// Longest C declaration printed for one type.
+const MAX_DECL_LEN: usize = 4096;
 /// x86-64: BTF does not record the size of a pointer.
 const POINTER_SIZE: u64 = 8;
 
@@ -417,6 +428,11 @@ impl Btf {
         self.decl(id, name.to_string(), 0, &mut budget)
     }
 
+    /// [`Btf::declaration`] charging a caller's budget of type nodes.
+    fn declaration_in(&self, id: u32, name: &str, budget: &mut usize) -> Result<String> {
+        self.decl(id, name.to_string(), 0, budget)
+    }
+
     /// The id of struct or union `name` (a `struct `/`union ` prefix is
     /// accepted). A complete definition wins over a typedef of one, which
     /// wins over a forward declaration (returned only when nothing else
@@ -482,7 +498,7 @@ impl Btf {
             if bitfield_size != 0 {
                 return Err(self.no_member(id, path));
             }
-            let mut budget = MAX_VISITS;
+            let mut budget = MAX_MEMBER_STEPS;
             let (rel, m) = self.find_member(cur, name, 0, &mut budget)?.ok_or_else(|| self.no_member(id, path))?;
             offset_bits = offset_bits.checked_add(rel).ok_or(IntrospectError::Overflow(offset_bits))?;
             bitfield_size = u32::from(m.bitfield_size);
@@ -538,7 +554,7 @@ impl Btf {
             let mut found: Option<i64> = None;
             for t in &self.types {
                 if let Kind::Enum { values, .. } = &t.kind {
-                    for v in values.iter().filter(|v| self.str_at(v.name_off) == enumerator) {
+                    for v in values.iter().filter(|v| self.name_is(v.name_off, enumerator)) {
                         match found {
                             Some(prev) if prev != v.value => {
                                 return Err(corrupt(format!(
@@ -563,7 +579,7 @@ impl Btf {
             };
             if let Kind::Enum { values, .. } = &self.ty(target)?.kind {
                 any_enum = true;
-                if let Some(v) = values.iter().find(|v| self.str_at(v.name_off) == enumerator) {
+                if let Some(v) = values.iter().find(|v| self.name_is(v.name_off, enumerator)) {
                     return Ok(v.value);
                 }
             }
@@ -619,7 +635,8 @@ impl Btf {
             return Err(self.incomplete(name));
         }
         let mut out = Vec::new();
-        self.describe_members(id, 0, 0, &mut out)?;
+        let mut budget = MAX_DESCRIBE_VISITS;
+        self.describe_members(id, 0, 0, &mut out, &mut budget)?;
         Ok(out)
     }
 
@@ -631,12 +648,28 @@ impl Btf {
 
     /// A string by offset; [`Btf::validate`] checked every offset in use,
     /// so the empty fallback is never taken for them.
+    /// Names are at most [`MAX_NAME_LEN`] bytes (checked by validation),
+    /// so no lookup scans further than that for the NUL.
     fn str_at(&self, off: u32) -> &str {
         self.strings
             .get(off as usize..)
+            .map(|s| s.get(..=MAX_NAME_LEN).unwrap_or(s))
             .and_then(|s| s.split(|b| *b == 0).next())
             .and_then(|s| std::str::from_utf8(s).ok())
             .unwrap_or("")
+    }
+
+    /// Whether the name at `off` is `name`, in O(`name.len()`) whatever the
+    /// string section holds.
+    fn name_is(&self, off: u32, name: &str) -> bool {
+        let start = off as usize;
+        let Some(end) = start.checked_add(name.len()) else { return false };
+        self.strings.get(start..end) == Some(name.as_bytes()) && self.strings.get(end) == Some(&0)
+    }
+
+    /// Whether the name at `off` is empty (anonymous).
+    fn name_is_empty(&self, off: u32) -> bool {
+        off == 0 || self.strings.get(off as usize) == Some(&0)
     }
 
     fn check_str(&self, off: u32, what: &str) -> Result<()> {
@@ -645,7 +678,14 @@ impl Btf {
             .get(off as usize..)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| corrupt(format!("{what}: name offset {off} past the string section")))?;
-        let s = tail.split(|b| *b == 0).next().unwrap_or(&[]);
+        // Bounded scan: a section of one huge string must not cost its
+        // length for every type that points into it.
+        let window = tail.get(..=MAX_NAME_LEN).unwrap_or(tail);
+        let len = window
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or_else(|| corrupt(format!("{what}: name at {off} is longer than {MAX_NAME_LEN} bytes")))?;
+        let s = window.get(..len).unwrap_or(&[]);
         std::str::from_utf8(s).map_err(|_| corrupt(format!("{what}: name at {off} is not UTF-8")))?;
         Ok(())
     }
@@ -844,6 +884,9 @@ impl Btf {
 
     /// Finds member `name` of struct/union `id`, looking through anonymous
     /// members; returns its bit offset relative to `id` and the member.
+    /// `budget` counts members examined (anonymous members can share
+    /// subtrees, so the number of structs visited alone does not bound the
+    /// work).
     fn find_member(&self, id: u32, name: &str, depth: usize, budget: &mut usize) -> Result<Option<(u64, RawMember)>> {
         if depth > MAX_DEPTH || *budget == 0 {
             return Err(corrupt(format!("anonymous members of type {id} nest too deeply")));
@@ -860,10 +903,13 @@ impl Btf {
                 )))
             }
         };
-        if let Some(m) = members.iter().find(|m| self.str_at(m.name_off) == name) {
+        *budget = budget
+            .checked_sub(members.len())
+            .ok_or_else(|| corrupt(format!("looking for member {name}: more than {MAX_MEMBER_STEPS} members examined")))?;
+        if let Some(m) = members.iter().find(|m| self.name_is(m.name_off, name)) {
             return Ok(Some((u64::from(m.offset_bits), *m)));
         }
-        for m in members.iter().filter(|m| m.name_off == 0 || self.str_at(m.name_off).is_empty()) {
+        for m in members.iter().filter(|m| self.name_is_empty(m.name_off)) {
             if !matches!(self.ty(self.resolve_type(m.type_id)?)?.kind, Kind::Composite { .. }) {
                 continue;
             }
@@ -875,7 +921,14 @@ impl Btf {
         Ok(None)
     }
 
-    fn describe_members(&self, id: u32, base_bits: u64, depth: u32, out: &mut Vec<MemberDesc>) -> Result<()> {
+    fn describe_members(
+        &self,
+        id: u32,
+        base_bits: u64,
+        depth: u32,
+        out: &mut Vec<MemberDesc>,
+        budget: &mut usize,
+    ) -> Result<()> {
         if depth as usize > MAX_DEPTH {
             return Err(corrupt(format!("anonymous members of type {id} nest too deeply")));
         }
@@ -910,7 +963,7 @@ impl Btf {
                     let decl = if name.is_empty() { tag.to_string() } else { format!("{tag} {name}") };
                     (tag.to_string(), decl)
                 }
-                None => (self.type_name(m.type_id)?, self.declaration(m.type_id, name)?),
+                None => (self.declaration_in(m.type_id, "", budget)?, self.declaration_in(m.type_id, name, budget)?),
             };
             out.push(MemberDesc {
                 name: name.to_string(),
@@ -926,7 +979,7 @@ impl Btf {
                 type_id: m.type_id,
             });
             if anonymous.is_some() {
-                self.describe_members(m.type_id, offset_bits, depth + 1, out)?;
+                self.describe_members(m.type_id, offset_bits, depth + 1, out, budget)?;
             }
         }
         Ok(())
@@ -953,6 +1006,9 @@ impl Btf {
     fn decl(&self, id: u32, inner: String, depth: usize, budget: &mut usize) -> Result<String> {
         if depth > MAX_DEPTH || *budget == 0 {
             return Err(corrupt(format!("type {id} nests too deeply to print")));
+        }
+        if inner.len() > MAX_DECL_LEN {
+            return Err(corrupt(format!("declaration of type {id} is longer than {MAX_DECL_LEN} bytes")));
         }
         *budget -= 1;
         let join = |base: &str, inner: &str| {
@@ -1005,13 +1061,16 @@ impl Btf {
             }
             Kind::Array { elem, len, .. } => self.decl(*elem, format!("{inner}[{len}]"), depth + 1, budget)?,
             Kind::FuncProto { ret, params } => {
-                let mut list = Vec::with_capacity(params.len());
+                let mut list = Vec::with_capacity(params.len().min(64));
+                let mut list_len = 0usize;
                 for p in params {
-                    if p.type_id == 0 {
-                        list.push("...".to_string());
-                    } else {
-                        list.push(self.decl(p.type_id, String::new(), depth + 1, budget)?);
+                    let param =
+                        if p.type_id == 0 { "...".to_string() } else { self.decl(p.type_id, String::new(), depth + 1, budget)? };
+                    list_len = list_len.saturating_add(param.len());
+                    if list_len > MAX_DECL_LEN {
+                        return Err(corrupt(format!("parameter list of type {id} is longer than {MAX_DECL_LEN} bytes")));
                     }
+                    list.push(param);
                 }
                 let list = if list.is_empty() { "void".to_string() } else { list.join(", ") };
                 self.decl(*ret, format!("{inner}({list})"), depth + 1, budget)?
@@ -1894,5 +1953,61 @@ mod tests {
         }
         let _ = btf.enum_value(None, "MODULE_STATE_LIVE");
         let _ = btf.enum_value(Some("wide"), "WIDE_TOP");
+    }
+
+    /// One string of many megabytes that every type names: validation
+    /// must not scan it once per type (that was hours of work).
+    #[test]
+    fn huge_names_are_rejected_quickly() {
+        let mut b = Builder::new();
+        b.strings.extend(std::iter::repeat_n(b'a', 4 << 20));
+        b.strings.push(0);
+        for _ in 0..50_000 {
+            b.raw("", KIND_INT, 0, false, 4, &[32]);
+            let at = b.types.len() - 4;
+            b.types[at] = 1; // name_off of the type just added
+        }
+        let t = std::time::Instant::now();
+        assert!(Btf::parse(b.build()).is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    /// Anonymous members sharing one wide subtree: a lookup of a missing
+    /// member must stop after a bounded number of members, not visit
+    /// 65536 structs of 60000 members each.
+    #[test]
+    fn member_lookup_in_shared_wide_anonymous_members_is_bounded() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4, true);
+        let leaf = b.strukt("", 4, &[("x", int, 0, 0)]);
+        let wide: Vec<(&str, u32, u32, u32)> = (0..60_000).map(|_| ("", leaf, 0, 0)).collect();
+        let mid = b.strukt("", 4, &wide);
+        let top_members: Vec<(&str, u32, u32, u32)> = (0..60_000).map(|_| ("", mid, 0, 0)).collect();
+        b.strukt("top", 4, &top_members);
+        let btf = Btf::parse(b.build()).unwrap();
+        let t = std::time::Instant::now();
+        assert!(btf.member("top", "missing").is_err());
+        assert!(btf.describe_struct("top").is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+
+    /// A prototype with 60000 parameters of a type with a long name: the
+    /// declaration (and every member using it) must not grow without bound.
+    #[test]
+    fn huge_declarations_are_errors() {
+        let mut b = Builder::new();
+        let long = "l".repeat(1000);
+        let int = b.int(&long, 4, true);
+        let params: Vec<(&str, u32)> = (0..60_000).map(|_| ("", int)).collect();
+        let proto = b.proto(int, &params);
+        let fp = b.ptr(proto);
+        let members: Vec<(String, u32, u32, u32)> = (0..5000).map(|i| (format!("m{i}"), fp, 0, 0)).collect();
+        let members: Vec<(&str, u32, u32, u32)> = members.iter().map(|(n, t, o, w)| (n.as_str(), *t, *o, *w)).collect();
+        b.strukt("s", 8, &members);
+        let btf = Btf::parse(b.build()).unwrap();
+        let t = std::time::Instant::now();
+        assert!(btf.type_name(fp).is_err());
+        assert!(btf.describe_struct("s").is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
     }
 }

@@ -1,7 +1,7 @@
 //! ftrace call sites: where a function's 5-byte site is, what it holds now
 //! (decoded with iced-x86), and what the guest's own ftrace records say.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
 
@@ -15,6 +15,8 @@ const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// Most records we read before calling the ftrace pages corrupted.
 pub const MAX_RECORDS: usize = 1 << 20;
 const MAX_PAGES: usize = 1 << 16;
+/// Largest `struct dyn_ftrace` we accept (it is 16 bytes on x86_64).
+const MAX_RECORD_SIZE: u64 = 256;
 
 // dyn_ftrace.flags bits (include/linux/ftrace.h, 6.1).
 pub const FTRACE_FL_ENABLED: u64 = 1 << 31;
@@ -61,6 +63,8 @@ pub struct CallSite {
 pub struct FtraceRecord {
     pub ip: u64,
     pub flags: u64,
+    /// Guest address of the record's `flags` field.
+    pub flags_addr: u64,
 }
 
 impl FtraceRecord {
@@ -112,20 +116,33 @@ impl Kernel<'_> {
         let records_off = self.off("ftrace_page", "records")?;
         let index_off = self.off("ftrace_page", "index")?;
         let rec_size = self.btf.struct_size("dyn_ftrace")?;
+        // BTF is guest data too: a huge record size would make one page's
+        // read an unbounded allocation.
+        if rec_size == 0 || rec_size > MAX_RECORD_SIZE {
+            return Err(IntrospectError::Corrupt(format!("sizeof(struct dyn_ftrace) = {rec_size} is implausible")));
+        }
         let ip_off = self.off("dyn_ftrace", "ip")?;
         let flags_off = self.off("dyn_ftrace", "flags")?;
         let mut page = self.mem.read_u64(self.sym("ftrace_pages_start")?)?;
         let mut by_ip = HashMap::new();
         let mut pages = 0usize;
+        // Records read so far, duplicates included: a page list that loops
+        // back must not re-read its pages up to MAX_PAGES times.
+        let mut total_records = 0usize;
+        let mut seen_pages = HashSet::new();
         while page != 0 {
             pages += 1;
             if pages > MAX_PAGES {
                 return Err(IntrospectError::WalkLimit { what: "ftrace pages".into(), limit: MAX_PAGES });
             }
+            if !seen_pages.insert(page) {
+                return Err(IntrospectError::Corrupt(format!("ftrace page list loops back to {page:#x}")));
+            }
             let records = self.read_ptr(page, records_off)?;
             let index = self.mem.read_i32(page.checked_add(index_off).ok_or(IntrospectError::Overflow(page))?)?;
             let count = usize::try_from(index).map_err(|_| IntrospectError::Corrupt(format!("ftrace page {page:#x} index {index}")))?;
-            if by_ip.len() + count > MAX_RECORDS {
+            total_records = total_records.saturating_add(count);
+            if total_records > MAX_RECORDS {
                 return Err(IntrospectError::WalkLimit { what: "ftrace records".into(), limit: MAX_RECORDS });
             }
             let total = (count as u64).checked_mul(rec_size).ok_or(IntrospectError::Overflow(records))?;
@@ -134,11 +151,12 @@ impl Kernel<'_> {
                 let base = (i as u64 * rec_size) as usize;
                 let field = |o: u64| -> Option<u64> {
                     let s = base.checked_add(o as usize)?;
-                    let b = raw.get(s..s + 8)?;
+                    let b = raw.get(s..s.checked_add(8)?)?;
                     Some(u64::from_le_bytes(b.try_into().ok()?))
                 };
                 if let (Some(ip), Some(flags)) = (field(ip_off), field(flags_off)) {
-                    by_ip.insert(ip, FtraceRecord { ip, flags });
+                    let flags_addr = records.wrapping_add(base as u64).wrapping_add(flags_off);
+                    by_ip.insert(ip, FtraceRecord { ip, flags, flags_addr });
                 }
             }
             page = self.read_ptr(page, next_off)?;

@@ -11,6 +11,9 @@ const MAX_PATCHES: usize = 1024;
 const MAX_OBJECTS: usize = 4096;
 const MAX_FUNCS: usize = 1 << 16;
 const MAX_STATES: usize = 1024;
+/// Objects, funcs and states of all patches together: the per-list limits
+/// multiply (patches x objects x funcs), so one budget bounds the whole walk.
+const MAX_KLP_NODES: usize = 1 << 17;
 const MODULE_NAME_LEN: usize = 56;
 
 /// One klp_func.
@@ -72,6 +75,7 @@ impl Kernel<'_> {
         let transition_patch = self.sym("klp_transition_patch").and_then(|a| self.mem.read_u64(a)).unwrap_or(0);
         let list_off = self.off("klp_patch", "list")?;
         let mut out = Vec::new();
+        let mut budget = MAX_KLP_NODES;
         for p in walk_list(&self.mem, head, list_off, MAX_PATCHES, "klp_patches")? {
             let module = self.read_ptr(p, self.off("klp_patch", "mod")?)?;
             let name = if module == 0 {
@@ -84,8 +88,9 @@ impl Kernel<'_> {
             let objs_head = p.checked_add(self.off("klp_patch", "obj_list")?).ok_or(IntrospectError::Overflow(p))?;
             let obj_node = self.off("klp_object", "node")?;
             let mut objects = Vec::new();
-            for o in walk_list(&self.mem, objs_head, obj_node, MAX_OBJECTS, "klp objects")? {
-                objects.push(self.klp_object(o)?);
+            for o in walk_list(&self.mem, objs_head, obj_node, MAX_OBJECTS.min(budget), "klp objects")? {
+                budget = budget.saturating_sub(1);
+                objects.push(self.klp_object(o, &mut budget)?);
             }
             out.push(KlpPatch {
                 addr: p,
@@ -95,19 +100,20 @@ impl Kernel<'_> {
                 replace: self.read_bool(p, "klp_patch", "replace")?,
                 transition: p == transition_patch,
                 objects,
-                states: self.klp_states(p)?,
+                states: self.klp_states(p, &mut budget)?,
             });
         }
         Ok(out)
     }
 
-    fn klp_object(&self, o: u64) -> Result<KlpObject> {
+    fn klp_object(&self, o: u64, budget: &mut usize) -> Result<KlpObject> {
         let name_ptr = self.read_ptr(o, self.off("klp_object", "name")?)?;
         let name = if name_ptr == 0 { None } else { Some(self.mem.read_cstr(name_ptr, MODULE_NAME_LEN)?) };
         let funcs_head = o.checked_add(self.off("klp_object", "func_list")?).ok_or(IntrospectError::Overflow(o))?;
         let node = self.off("klp_func", "node")?;
         let mut funcs = Vec::new();
-        for f in walk_list(&self.mem, funcs_head, node, MAX_FUNCS, "klp funcs")? {
+        for f in walk_list(&self.mem, funcs_head, node, MAX_FUNCS.min(*budget), "klp funcs")? {
+            *budget = budget.saturating_sub(1);
             let old_name_ptr = self.read_ptr(f, self.off("klp_func", "old_name")?)?;
             let new_func = self.read_ptr(f, self.off("klp_func", "new_func")?)?;
             funcs.push(KlpFunc {
@@ -124,7 +130,7 @@ impl Kernel<'_> {
         Ok(KlpObject { name, patched: self.read_bool(o, "klp_object", "patched")?, funcs })
     }
 
-    fn klp_states(&self, p: u64) -> Result<Vec<KlpState>> {
+    fn klp_states(&self, p: u64, budget: &mut usize) -> Result<Vec<KlpState>> {
         let states = self.read_ptr(p, self.off("klp_patch", "states")?)?;
         if states == 0 {
             return Ok(Vec::new());
@@ -134,6 +140,10 @@ impl Kernel<'_> {
         let ver_off = self.off("klp_state", "version")?;
         let mut out = Vec::new();
         for i in 0..MAX_STATES as u64 {
+            if *budget == 0 {
+                return Err(IntrospectError::WalkLimit { what: "klp patches, objects, funcs and states".into(), limit: MAX_KLP_NODES });
+            }
+            *budget -= 1;
             let s = states.checked_add(i * size).ok_or(IntrospectError::Overflow(states))?;
             let id = self.read_ptr(s, id_off)?;
             if id == 0 {

@@ -14,6 +14,8 @@ use crate::translate::KernelMemory;
 
 /// Most frames one unwind follows.
 pub const MAX_FRAMES: usize = 128;
+/// Most module symbols one [`Symbolizer`] loads, all modules together.
+pub const MAX_SYMBOLIZER_MODULE_SYMS: usize = 1 << 20;
 
 /// One frame as reported.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -47,16 +49,17 @@ pub struct Symbolizer<'k, 'm> {
 
 impl<'k, 'm> Symbolizer<'k, 'm> {
     pub fn new(k: &'k Kernel<'m>, modules: &[Module]) -> Symbolizer<'k, 'm> {
+        // Each module may claim up to MAX_MODULE_SYMS symbols and there may be
+        // MAX_MODULES of them: bound the total, modules past it print as
+        // plain addresses.
+        let mut budget = MAX_SYMBOLIZER_MODULE_SYMS;
         let modules = modules
             .iter()
             .map(|m| {
-                let mut syms: Vec<(u64, String)> = k
-                    .module_symbols(m)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|s| matches!(s.kind, 't' | 'T'))
-                    .map(|s| (s.addr, s.name))
-                    .collect();
+                let all = if budget == 0 { Vec::new() } else { k.module_symbols(m).unwrap_or_default() };
+                budget = budget.saturating_sub(all.len().max(1));
+                let mut syms: Vec<(u64, String)> =
+                    all.into_iter().filter(|s| matches!(s.kind, 't' | 'T')).map(|s| (s.addr, s.name)).collect();
                 syms.sort();
                 (m.clone(), syms)
             })
@@ -87,7 +90,7 @@ impl<'k, 'm> Symbolizer<'k, 'm> {
             }
             let i = syms.partition_point(|(a, _)| *a <= key);
             if let Some((addr, name)) = i.checked_sub(1).and_then(|i| syms.get(i)) {
-                let end = syms.get(i).map(|(a, _)| *a).unwrap_or(m.core_base + m.core_text_size);
+                let end = syms.get(i).map(|(a, _)| *a).unwrap_or(m.core_base.saturating_add(m.core_text_size));
                 return format!("{}+{:#x}/{:#x} [{}]", name, ip.wrapping_sub(*addr), end.wrapping_sub(*addr), m.name);
             }
         }

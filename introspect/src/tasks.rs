@@ -138,13 +138,20 @@ impl Kernel<'_> {
         leaders.extend(walk_list(&self.mem, head, l.tasks, MAX_TASKS, "task list")?);
         let mut out = Vec::new();
         let mut seen = HashSet::new();
+        // Each process has its own signal_struct: walking one thread list
+        // once is enough. Without this, leaders that share a long thread
+        // list would cost MAX_TASKS steps each (MAX_TASKS^2 in all).
+        let mut walked_signals = HashSet::new();
+        // All thread-list steps together, whatever the lists look like.
+        let mut budget = MAX_TASKS.saturating_mul(2);
         for leader in leaders {
             let signal = self.read_ptr(leader, l.signal)?;
-            let threads = if signal == 0 {
+            let threads = if signal == 0 || !walked_signals.insert(signal) {
                 vec![leader]
             } else {
                 let th = signal.checked_add(l.signal_thread_head).ok_or(IntrospectError::Overflow(signal))?;
-                let v = walk_list(&self.mem, th, l.thread_node, MAX_TASKS, "thread list")?;
+                let v = walk_list(&self.mem, th, l.thread_node, MAX_TASKS.min(budget), "thread list")?;
+                budget = budget.saturating_sub(v.len().max(1));
                 if v.is_empty() {
                     vec![leader]
                 } else {

@@ -1,0 +1,606 @@
+//! The patch engine: the stack of patches, the func stack of every call site
+//! (the newest enabled patch wins), and transitions done at one global safe
+//! point: every vCPU stopped, every task's stack and every vCPU's registers
+//! checked, then every changed site written at once, or nothing.
+
+use std::collections::BTreeMap;
+
+use introspect::ftrace::{decode_site, SiteInsn, NOP5};
+use introspect::kernel::Kernel;
+use introspect::stacks::Unwinder;
+use introspect::translate::KernelMemory;
+use serde::Serialize;
+
+use crate::error::{PatchError, Result};
+use crate::guest::GuestWriter;
+use crate::link::{link, LinkedModule, SymbolResolver};
+use crate::module::{PatchModule, StateSpec};
+use crate::placement::Region;
+
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+const FTRACE_FL_DISABLED: u64 = 1 << 25;
+
+/// Options of `apply`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyOptions {
+    /// Overrides the module's `replace` (its init, which would set it, does not run).
+    pub replace: Option<bool>,
+    /// Switch even when a changed function is on a stack (unsafe, logged).
+    pub force: bool,
+}
+
+/// One function a patch changes, resolved in the guest.
+#[derive(Clone, Debug, Serialize)]
+pub struct PatchedFunc {
+    pub object: Option<String>,
+    pub old_name: String,
+    pub old_sympos: u64,
+    pub old_addr: u64,
+    pub old_size: u64,
+    pub site: u64,
+    pub new_symbol: String,
+    pub new_addr: u64,
+    pub new_size: u64,
+}
+
+/// One applied patch.
+#[derive(Clone, Debug, Serialize)]
+pub struct Patch {
+    pub id: u64,
+    pub name: String,
+    pub path: String,
+    pub enabled: bool,
+    pub replace: bool,
+    pub forced: bool,
+    pub states: Vec<StateSpec>,
+    pub funcs: Vec<PatchedFunc>,
+    #[serde(skip)]
+    linked: LinkedModule,
+}
+
+/// A call site hyperpatch owns.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteState {
+    pub function: String,
+    pub site: u64,
+    pub original: [u8; 5],
+    /// The guest's ftrace record flags (address, value before we owned it).
+    pub record: Option<(u64, u64)>,
+    /// Target the site jumps to now (`None`: original bytes).
+    pub active: Option<u64>,
+}
+
+/// A task that holds a transition back.
+#[derive(Clone, Debug, Serialize)]
+pub struct Blocker {
+    pub pid: i32,
+    pub comm: String,
+    pub function: String,
+    pub frame: String,
+    /// The stack could not be unwound reliably (that alone blocks).
+    pub unreliable: bool,
+}
+
+impl std::fmt::Display for Blocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.unreliable {
+            write!(f, "pid {} ({}): unreliable stack: {}", self.pid, self.comm, self.frame)
+        } else {
+            write!(f, "pid {} ({}) in {} at {}", self.pid, self.comm, self.function, self.frame)
+        }
+    }
+}
+
+/// Result of one transition attempt.
+#[derive(Clone, Debug, Serialize)]
+pub enum Outcome {
+    /// Done: sites written.
+    Switched { sites: usize, forced: bool },
+    /// Not safe now; nothing was changed.
+    Blocked(Vec<Blocker>),
+}
+
+/// All patch state of one guest.
+#[derive(Debug)]
+pub struct Patcher {
+    reserved_phys: u64,
+    reserved_size: u64,
+    region: Option<Region>,
+    patches: Vec<Patch>,
+    sites: BTreeMap<u64, SiteState>,
+    next_id: u64,
+}
+
+/// Resolves symbols through guest kallsyms and module symbols.
+struct GuestResolver<'a, 'm> {
+    k: &'a Kernel<'m>,
+}
+
+impl SymbolResolver for GuestResolver<'_, '_> {
+    fn resolve(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64> {
+        match object {
+            None => match self.k.syms.address_of(name, sympos as u32) {
+                Ok(a) => Ok(a),
+                Err(introspect::IntrospectError::NoSymbol(_)) => {
+                    // Exported by a loaded module?
+                    for m in self.k.modules()? {
+                        if let Some(s) = self.k.module_symbols(&m)?.into_iter().find(|s| s.name == name) {
+                            return Ok(s.addr);
+                        }
+                    }
+                    Err(PatchError::MissingSymbol { name: name.into() })
+                }
+                Err(e) => Err(PatchError::Function { name: name.into(), detail: e.to_string() }),
+            },
+            Some(obj) => module_symbol(self.k, obj, name, sympos),
+        }
+    }
+}
+
+fn module_symbol(k: &Kernel<'_>, obj: &str, name: &str, sympos: u64) -> Result<u64> {
+    let m = k
+        .modules()?
+        .into_iter()
+        .find(|m| m.name == obj)
+        .ok_or_else(|| PatchError::Function { name: name.into(), detail: format!("module {obj} is not loaded") })?;
+    let hits: Vec<u64> = k.module_symbols(&m)?.into_iter().filter(|s| s.name == name).map(|s| s.addr).collect();
+    pick(name, &hits, sympos)
+}
+
+fn pick(name: &str, hits: &[u64], sympos: u64) -> Result<u64> {
+    match (hits.len(), sympos) {
+        (0, _) => Err(PatchError::MissingSymbol { name: name.into() }),
+        (1, 0) | (1, 1) => Ok(hits[0]),
+        (_, 0) => Err(PatchError::Function { name: name.into(), detail: format!("{} symbols have this name: give old_sympos", hits.len()) }),
+        (n, p) => hits.get((p - 1) as usize).copied().ok_or_else(|| PatchError::Function {
+            name: name.into(),
+            detail: format!("old_sympos {p} but only {n} symbols have this name"),
+        }),
+    }
+}
+
+fn write_virt(k: &Kernel<'_>, w: &dyn GuestWriter, va: u64, bytes: &[u8]) -> Result<()> {
+    // Sites never cross a page: a 5-byte instruction may, so write bytewise by page.
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let at = va + done as u64;
+        let pa = k.mem.translate(at)?;
+        let room = (0x1000 - (at & 0xfff)) as usize;
+        let n = room.min(bytes.len() - done);
+        w.write_phys(pa, &bytes[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn jmp_bytes(site: u64, target: u64) -> Result<[u8; 5]> {
+    let rel = i128::from(target) - i128::from(site) - 5;
+    let rel = i32::try_from(rel).map_err(|_| PatchError::Site {
+        name: String::new(),
+        site,
+        detail: format!("target {target:#x} out of rel32 reach"),
+    })?;
+    let mut b = [0xe9, 0, 0, 0, 0];
+    b[1..].copy_from_slice(&rel.to_le_bytes());
+    Ok(b)
+}
+
+impl Patcher {
+    /// A patcher for a guest whose reserved region is `[phys, phys + size)`.
+    pub fn new(reserved_phys: u64, reserved_size: u64) -> Patcher {
+        Patcher { reserved_phys, reserved_size, region: None, patches: Vec::new(), sites: BTreeMap::new(), next_id: 1 }
+    }
+
+    /// Patches in stack order (oldest first).
+    pub fn patches(&self) -> &[Patch] {
+        &self.patches
+    }
+
+    /// Sites hyperpatch owns.
+    pub fn sites(&self) -> impl Iterator<Item = &SiteState> {
+        self.sites.values()
+    }
+
+    /// Bytes of the reserved region in use.
+    pub fn reserved_used(&self) -> u64 {
+        self.region.as_ref().map(|r| r.used_bytes()).unwrap_or(0)
+    }
+
+    /// Whether the reserved region is mapped into the guest.
+    pub fn region_mapped(&self) -> bool {
+        self.region.as_ref().is_some_and(|r| r.is_mapped())
+    }
+
+    fn region(&mut self, k: &Kernel<'_>) -> Result<&mut Region> {
+        if self.region.is_none() {
+            let end = k.sym("_end")?;
+            let virt = Region::choose_virt_base(end, self.reserved_size)?;
+            self.region = Some(Region::new(self.reserved_phys, self.reserved_size, virt)?);
+        }
+        self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))
+    }
+
+    /// The target each owned site should jump to with `patches` as given.
+    fn desired(patches: &[Patch]) -> BTreeMap<u64, Option<u64>> {
+        let mut d: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+        for p in patches {
+            for f in &p.funcs {
+                let e = d.entry(f.site).or_insert(None);
+                if p.enabled {
+                    *e = Some(f.new_addr);
+                }
+            }
+        }
+        d
+    }
+
+    /// The code range running now for an owned site (or the original function).
+    fn current_range(&self, site: u64, fallback: (u64, u64)) -> (String, u64, u64) {
+        let active = self.sites.get(&site).and_then(|s| s.active);
+        if let Some(t) = active {
+            for p in &self.patches {
+                for f in &p.funcs {
+                    if f.site == site && f.new_addr == t {
+                        return (f.new_symbol.clone(), f.new_addr, f.new_size);
+                    }
+                }
+            }
+        }
+        let name = self.sites.get(&site).map(|s| s.function.clone()).unwrap_or_default();
+        (name, fallback.0, fallback.1)
+    }
+
+    /// Every task whose stack (or vCPU) is inside one of `ranges`.
+    pub fn blockers(k: &Kernel<'_>, u: &Unwinder, ranges: &[(String, u64, u64)]) -> Result<Vec<Blocker>> {
+        let tasks = k.tasks()?;
+        let mut out = Vec::new();
+        for t in &tasks {
+            let st = k.unwind_task(u, t);
+            if !st.reliable {
+                out.push(Blocker {
+                    pid: t.pid,
+                    comm: t.comm.clone(),
+                    function: String::new(),
+                    frame: st.reason.clone().unwrap_or_else(|| "unreliable".into()),
+                    unreliable: true,
+                });
+                continue;
+            }
+            for f in &st.frames {
+                // A return address may sit just past its function's end.
+                let ip = if f.is_return_address() { f.ip.saturating_sub(1) } else { f.ip };
+                if let Some((name, _, _)) = ranges.iter().find(|(_, a, s)| ip >= *a && ip < a.saturating_add(*s)) {
+                    out.push(Blocker {
+                        pid: t.pid,
+                        comm: t.comm.clone(),
+                        function: name.clone(),
+                        frame: k.syms.resolve(ip).map(|s| s.format()).unwrap_or_else(|| format!("{:#x}", f.ip)),
+                        unreliable: false,
+                    });
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes every site of `desired` that differs from now, and hands the
+    /// guest's ftrace records over (a site we jump from is marked
+    /// FTRACE_FL_DISABLED so the guest's ftrace leaves it alone; a site back
+    /// to its original bytes gets its flags back). Rolls back everything
+    /// already written if one write fails.
+    fn switch_sites(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, desired: &BTreeMap<u64, Option<u64>>) -> Result<usize> {
+        let mut written: Vec<(u64, u64, Vec<u8>)> = Vec::new(); // (virt, phys?, old bytes) via write_virt
+        let mut result = Ok(());
+        let mut plan: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (site, target) in desired {
+            let Some(s) = self.sites.get(site) else { continue };
+            if s.active == *target {
+                continue;
+            }
+            let mut now = [0u8; 5];
+            k.mem.read_virt(*site, &mut now)?;
+            let expect = match s.active {
+                Some(t) => jmp_bytes(*site, t)?,
+                None => s.original,
+            };
+            if now != expect {
+                return Err(PatchError::Site {
+                    name: s.function.clone(),
+                    site: *site,
+                    detail: format!("holds {now:02x?}, expected {expect:02x?}: changed behind hyperpatch's back"),
+                });
+            }
+            let bytes = match target {
+                Some(t) => jmp_bytes(*site, *t)?,
+                None => s.original,
+            };
+            plan.push((*site, bytes.to_vec()));
+            if let Some((addr, orig)) = s.record {
+                let cur = k.mem.read_u64(addr)?;
+                let new = match (s.active, target) {
+                    (None, Some(_)) => {
+                        if cur & (introspect::ftrace::FTRACE_FL_ENABLED | introspect::ftrace::FTRACE_REF_MASK) != 0 {
+                            return Err(PatchError::Site {
+                                name: s.function.clone(),
+                                site: *site,
+                                detail: format!("the guest's ftrace uses this site now (flags {cur:#x})"),
+                            });
+                        }
+                        cur | FTRACE_FL_DISABLED
+                    }
+                    (Some(_), None) => (cur & !FTRACE_FL_DISABLED) | (orig & FTRACE_FL_DISABLED),
+                    _ => cur,
+                };
+                if new != cur {
+                    plan.push((addr, new.to_le_bytes().to_vec()));
+                }
+            }
+        }
+        for (va, bytes) in &plan {
+            let old = match k.mem.read_bytes(*va, bytes.len()) {
+                Ok(o) => o,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            if let Err(e) = write_virt(k, w, *va, bytes) {
+                result = Err(e);
+                break;
+            }
+            written.push((*va, 0, old));
+        }
+        if let Err(e) = result {
+            for (va, _, old) in written.iter().rev() {
+                let _ = write_virt(k, w, *va, old);
+            }
+            return Err(e);
+        }
+        let mut n = 0;
+        for (site, target) in desired {
+            if let Some(s) = self.sites.get_mut(site) {
+                if s.active != *target {
+                    n += 1;
+                }
+                s.active = *target;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies `m` at one safe point (all vCPUs stopped by the caller).
+    /// Blocked: nothing in the guest changed; call again after resuming.
+    pub fn apply(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder, m: &PatchModule, opts: ApplyOptions) -> Result<Outcome> {
+        if self.patches.iter().any(|p| p.name == m.name) {
+            return Err(PatchError::Duplicate(m.name.clone()));
+        }
+        let replace = opts.replace.unwrap_or(m.spec.replace);
+        if replace {
+            return Err(PatchError::State("atomic replace is not supported yet".into()));
+        }
+        // Resolve every function and check its site before touching anything.
+        let records = k.ftrace_records()?;
+        let guest_klp = k.klp_patches()?;
+        let mut funcs = Vec::new();
+        let mut new_sites: Vec<SiteState> = Vec::new();
+        for obj in &m.spec.objects {
+            for f in &obj.funcs {
+                let old_addr = match &obj.name {
+                    None => k.syms.address_of(&f.old_name, f.old_sympos as u32).map_err(|e| PatchError::Function {
+                        name: f.old_name.clone(),
+                        detail: e.to_string(),
+                    })?,
+                    Some(o) => module_symbol(k, o, &f.old_name, f.old_sympos)?,
+                };
+                let old_size = k.syms.resolve(old_addr).map(|s| s.size).filter(|s| *s > 0).unwrap_or(16);
+                let head = k.mem.read_bytes(old_addr, 9)?;
+                let site = if head.get(..4) == Some(&ENDBR64[..]) { old_addr + 4 } else { old_addr };
+                if funcs.iter().any(|x: &(crate::module::FuncSpec, Option<String>, u64, u64, u64)| x.4 == site) {
+                    return Err(PatchError::Function { name: f.old_name.clone(), detail: "listed twice in the patch".into() });
+                }
+                let mut bytes = [0u8; 5];
+                k.mem.read_virt(site, &mut bytes)?;
+                let (insn, text) = decode_site(&bytes, site);
+                let serr = |d: String| PatchError::Site { name: f.old_name.clone(), site, detail: d };
+                if let Some(owned) = self.sites.get(&site) {
+                    let ok = match (owned.active, &insn) {
+                        (Some(t), SiteInsn::Jmp { target }) => *target == t,
+                        (None, SiteInsn::Nop) => bytes == owned.original,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(serr(format!("holds `{text}`, not what hyperpatch wrote there")));
+                    }
+                } else {
+                    if insn != SiteInsn::Nop || bytes != NOP5 {
+                        return Err(serr(format!("holds `{text}`, not the ftrace NOP (traced or patched by the guest?)")));
+                    }
+                    let rec = records.by_ip.get(&site).ok_or_else(|| {
+                        serr("has no ftrace record: the function is notrace and cannot be patched".into())
+                    })?;
+                    if rec.enabled() || rec.refcount() > 0 {
+                        return Err(serr(format!("the guest's ftrace uses this site (flags {:#x})", rec.flags)));
+                    }
+                    if guest_klp.iter().flat_map(|p| &p.objects).flat_map(|o| &o.funcs).any(|gf| gf.old_func == old_addr) {
+                        return Err(serr("the guest's own livepatch patches this function".into()));
+                    }
+                    new_sites.push(SiteState {
+                        function: f.old_name.clone(),
+                        site,
+                        original: bytes,
+                        record: Some((rec.flags_addr, rec.flags)),
+                        active: None,
+                    });
+                }
+                funcs.push((f.clone(), obj.name.clone(), old_addr, old_size, site));
+            }
+        }
+        // Safety: the code running now at every site must be on no stack.
+        let ranges: Vec<(String, u64, u64)> =
+            funcs.iter().map(|(f, _, a, s, site)| self.current_range_or(*site, &f.old_name, *a, *s)).collect();
+        let blockers = Self::blockers(k, u, &ranges)?;
+        if !blockers.is_empty() && !opts.force {
+            return Ok(Outcome::Blocked(blockers));
+        }
+        // Place and link.
+        let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
+        let resolver = GuestResolver { k };
+        let region = self.region(k)?;
+        let linked = link(m, region, &resolver)?;
+        let was_mapped = region.is_mapped();
+        let undo = |region: &mut Region, w: &dyn GuestWriter, linked: &LinkedModule| {
+            for (pa, bytes) in &linked.images {
+                let _ = w.write_phys(*pa, &vec![0u8; bytes.len()]);
+            }
+            for a in &linked.allocations {
+                region.free(a);
+            }
+            if !was_mapped {
+                let _ = region.unmap(w);
+            }
+        };
+        if let Err(e) = region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57()) {
+            undo(region, w, &linked);
+            return Err(e);
+        }
+        for (pa, bytes) in &linked.images {
+            if let Err(e) = w.write_phys(*pa, bytes) {
+                undo(region, w, &linked);
+                return Err(e);
+            }
+        }
+        let mut pfuncs = Vec::new();
+        for (f, object, old_addr, old_size, site) in &funcs {
+            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
+                name: f.old_name.clone(),
+                detail: "new function's section was not placed".into(),
+            });
+            let new_addr = match new_addr {
+                Ok(a) => a,
+                Err(e) => {
+                    let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
+                    undo(region, w, &linked);
+                    return Err(e);
+                }
+            };
+            let new_size = m
+                .symbols
+                .iter()
+                .find(|s| s.section == Some(f.new_section) && s.value == f.new_offset && s.size > 0)
+                .map(|s| s.size)
+                .unwrap_or(1);
+            pfuncs.push(PatchedFunc {
+                object: object.clone(),
+                old_name: f.old_name.clone(),
+                old_sympos: f.old_sympos,
+                old_addr: *old_addr,
+                old_size: *old_size,
+                site: *site,
+                new_symbol: f.new_symbol.clone(),
+                new_addr,
+                new_size,
+            });
+        }
+        for s in &new_sites {
+            self.sites.insert(s.site, s.clone());
+        }
+        let patch = Patch {
+            id: self.next_id,
+            name: m.name.clone(),
+            path: m.path.clone(),
+            enabled: true,
+            replace,
+            forced: !blockers.is_empty(),
+            states: m.spec.states.clone(),
+            funcs: pfuncs,
+            linked: linked.clone(),
+        };
+        self.patches.push(patch);
+        let desired = Self::desired(&self.patches);
+        match self.switch_sites(k, w, &desired) {
+            Ok(n) => {
+                self.next_id += 1;
+                Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+            }
+            Err(e) => {
+                self.patches.pop();
+                for s in &new_sites {
+                    self.sites.remove(&s.site);
+                }
+                if let Some(region) = self.region.as_mut() {
+                    undo(region, w, &linked);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn current_range_or(&self, site: u64, name: &str, addr: u64, size: u64) -> (String, u64, u64) {
+        if self.sites.contains_key(&site) {
+            self.current_range(site, (addr, size))
+        } else {
+            (name.to_string(), addr, size)
+        }
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.patches.iter().position(|p| p.name == name).ok_or_else(|| PatchError::NoPatch(name.into()))
+    }
+
+    /// Enables or disables patch `name` at one safe point.
+    pub fn set_enabled(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder, name: &str, enabled: bool, force: bool) -> Result<Outcome> {
+        let i = self.index(name)?;
+        if self.patches[i].enabled == enabled {
+            return Err(PatchError::State(format!("patch {name} is already {}", if enabled { "enabled" } else { "disabled" })));
+        }
+        let mut next = self.patches.clone();
+        next[i].enabled = enabled;
+        let desired = Self::desired(&next);
+        let mut ranges = Vec::new();
+        for (site, target) in &desired {
+            if let Some(s) = self.sites.get(site) {
+                if s.active != *target {
+                    let old = self.patches.iter().flat_map(|p| &p.funcs).find(|f| f.site == *site);
+                    let (a, sz) = old.map(|f| (f.old_addr, f.old_size)).unwrap_or((*site, 5));
+                    ranges.push(self.current_range(*site, (a, sz)));
+                }
+            }
+        }
+        let blockers = Self::blockers(k, u, &ranges)?;
+        if !blockers.is_empty() && !force {
+            return Ok(Outcome::Blocked(blockers));
+        }
+        let n = self.switch_sites(k, w, &desired)?;
+        self.patches[i].enabled = enabled;
+        if !blockers.is_empty() {
+            self.patches[i].forced = true;
+        }
+        Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+    }
+
+    /// Forgets a disabled patch and frees (zeroes) its guest memory; unmaps
+    /// the region when nothing is left in it.
+    pub fn remove(&mut self, w: &dyn GuestWriter, name: &str) -> Result<()> {
+        let i = self.index(name)?;
+        if self.patches[i].enabled {
+            return Err(PatchError::State(format!("patch {name} is enabled: disable it first")));
+        }
+        let p = self.patches.remove(i);
+        // Sites no remaining patch names are forgotten (they hold their
+        // original bytes: the patch was disabled).
+        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
+        self.sites.retain(|site, _| still.contains(site));
+        let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
+        for (pa, bytes) in &p.linked.images {
+            w.write_phys(*pa, &vec![0u8; bytes.len()])?;
+        }
+        for a in &p.linked.allocations {
+            region.free(a);
+        }
+        if region.used_bytes() == 0 {
+            region.unmap(w)?;
+        }
+        Ok(())
+    }
+}

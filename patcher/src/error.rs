@@ -1,0 +1,39 @@
+//! Errors of patching: each names the module, function or site at fault.
+
+/// What can go wrong while reading a patch module or changing the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("{path}: not an ELF file: {detail}")]
+    NotElf { path: String, detail: String },
+    #[error("{path}: not a livepatch module: {detail}")]
+    NotLivepatch { path: String, detail: String },
+    #[error("{path}: malformed module: {detail}")]
+    Malformed { path: String, detail: String },
+    #[error("{path}: relocation against {symbol:?}: {detail}")]
+    Relocation { path: String, symbol: String, detail: String },
+    #[error("symbol {name:?} needed by the patch is not in the guest kernel (module built for another kernel?)")]
+    MissingSymbol { name: String },
+    #[error("function {name:?}: {detail}")]
+    Function { name: String, detail: String },
+    #[error("call site of {name} at {site:#x}: {detail}")]
+    Site { name: String, site: u64, detail: String },
+    #[error("the reserved region has no room for {needed} bytes of {kind}")]
+    NoRoom { kind: String, needed: u64 },
+    #[error("mapping the reserved region: {0}")]
+    Mapping(String),
+    #[error("no patch named {0:?}")]
+    NoPatch(String),
+    #[error("patch {0:?} is already applied")]
+    Duplicate(String),
+    #[error("{0}")]
+    State(String),
+    #[error("transition timed out after {secs} s; blocked by: {blockers}")]
+    Timeout { secs: u64, blockers: String },
+    #[error("guest memory: {0}")]
+    Guest(#[from] introspect::IntrospectError),
+    #[error("VM: {0}")]
+    Vm(String),
+}
+
+/// Result alias for the patcher.
+pub type Result<T> = std::result::Result<T, PatchError>;

@@ -1,0 +1,184 @@
+//! Linking a patch module for its place in the guest: every placed section
+//! gets an allocation in the reserved region, every relocation is applied
+//! (to the module's own sections, to guest kernel and module symbols, and
+//! `.klp.rela` entries with `.klp.sym.<obj>.<name>,<pos>` symbols), and the
+//! `__fentry__` calls become the ftrace NOP, as the guest's module loader
+//! and ftrace would leave them.
+
+use std::collections::HashMap;
+
+use goblin::elf::reloc::*;
+
+use crate::error::{PatchError, Result};
+use crate::module::{PatchModule, SectionKind};
+use crate::placement::{Allocation, AreaKind, Region};
+
+const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+
+/// Resolves external symbols against the guest.
+pub trait SymbolResolver {
+    /// Address of `name` in `object` (`None` = vmlinux or anywhere), the
+    /// `sympos`-th of that name when several exist (0 = must be unique).
+    fn resolve(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64>;
+}
+
+/// A module linked at its final guest addresses, not yet written.
+#[derive(Clone, Debug)]
+pub struct LinkedModule {
+    pub allocations: Vec<Allocation>,
+    /// Guest-virtual base of each placed section.
+    pub section_base: HashMap<usize, u64>,
+    /// (guest-physical address, bytes) to write.
+    pub images: Vec<(u64, Vec<u8>)>,
+}
+
+impl LinkedModule {
+    /// Guest address of `section` + `offset`.
+    pub fn address(&self, section: usize, offset: u64) -> Option<u64> {
+        self.section_base.get(&section).map(|b| b + offset)
+    }
+}
+
+/// Parses `.klp.sym.<object>.<name>,<sympos>`.
+pub fn parse_klp_sym(name: &str) -> Option<(Option<String>, String, u64)> {
+    let rest = name.strip_prefix(".klp.sym.")?;
+    let (objsym, pos) = rest.rsplit_once(',')?;
+    let (obj, sym) = objsym.split_once('.')?;
+    let pos: u64 = pos.parse().ok()?;
+    let obj = if obj == "vmlinux" { None } else { Some(obj.to_string()) };
+    Some((obj, sym.to_string(), pos))
+}
+
+/// Allocates and links `m`. On error every allocation made here is freed.
+pub fn link(m: &PatchModule, region: &mut Region, resolver: &dyn SymbolResolver) -> Result<LinkedModule> {
+    let mut allocations = Vec::new();
+    let r = link_inner(m, region, resolver, &mut allocations);
+    if r.is_err() {
+        for a in &allocations {
+            region.free(a);
+        }
+    }
+    r
+}
+
+fn link_inner(
+    m: &PatchModule,
+    region: &mut Region,
+    resolver: &dyn SymbolResolver,
+    allocations: &mut Vec<Allocation>,
+) -> Result<LinkedModule> {
+    let mut section_base = HashMap::new();
+    let mut phys_base = HashMap::new();
+    for (i, s) in m.sections.iter().enumerate() {
+        let kind = match s.kind {
+            SectionKind::Text => AreaKind::Text,
+            SectionKind::Rodata => AreaKind::Rodata,
+            SectionKind::Data => AreaKind::Data,
+            SectionKind::Skip => continue,
+        };
+        if s.size == 0 {
+            continue;
+        }
+        let a = region.alloc(kind, s.size, s.align)?;
+        allocations.push(a);
+        section_base.insert(i, a.virt);
+        phys_base.insert(i, a.phys);
+    }
+    let mut images: HashMap<usize, Vec<u8>> =
+        section_base.keys().map(|i| (*i, m.sections[*i].data.clone())).collect();
+    let rel_err = |sym: &str, d: String| PatchError::Relocation { path: m.path.clone(), symbol: sym.into(), detail: d };
+
+    let mut keys: Vec<usize> = m.relocs.keys().copied().collect();
+    keys.sort();
+    for target in keys {
+        let Some(&sec_base) = section_base.get(&target) else { continue };
+        let rels = &m.relocs[&target];
+        for r in rels {
+            let sym = m.symbols.get(r.sym).ok_or_else(|| rel_err("?", "symbol index".into()))?;
+            let image = images.get_mut(&target).ok_or_else(|| rel_err(&sym.name, "section".into()))?;
+            let p = sec_base.checked_add(r.offset).ok_or_else(|| rel_err(&sym.name, "offset overflow".into()))?;
+            let at = usize::try_from(r.offset).map_err(|_| rel_err(&sym.name, "offset".into()))?;
+            if sym.name == "__fentry__" && matches!(r.r_type, R_X86_64_PLT32 | R_X86_64_PC32) {
+                let start = at.checked_sub(1).ok_or_else(|| rel_err(&sym.name, "call at section start".into()))?;
+                let slot = image.get_mut(start..start + 5).ok_or_else(|| rel_err(&sym.name, "call outside section".into()))?;
+                if slot[0] != 0xe8 {
+                    return Err(rel_err(&sym.name, format!("__fentry__ relocation at {:#x} is not a call", r.offset)));
+                }
+                slot.copy_from_slice(&NOP5);
+                continue;
+            }
+            // S: the symbol's guest address; None = in a section we do not place.
+            let s_addr: Option<u64> = match sym.section {
+                Some(sec) => section_base.get(&sec).map(|b| b + sym.value),
+                None if sym.name.is_empty() && r.r_type == R_X86_64_NONE => None,
+                None => {
+                    let v = if let Some((obj, name, pos)) = parse_klp_sym(&sym.name) {
+                        resolver.resolve(obj.as_deref(), &name, pos)?
+                    } else {
+                        resolver.resolve(None, &sym.name, 0)?
+                    };
+                    Some(v)
+                }
+            };
+            let value = |s: u64| -> Result<i128> { Ok(i128::from(s) + i128::from(r.addend)) };
+            match r.r_type {
+                R_X86_64_NONE => {}
+                R_X86_64_64 => {
+                    // A pointer into init/exit code we do not place stays NULL.
+                    let v = match s_addr {
+                        Some(s) => value(s)? as u64,
+                        None => 0,
+                    };
+                    put(image, at, &v.to_le_bytes()).map_err(|d| rel_err(&sym.name, d))?;
+                }
+                R_X86_64_PC32 | R_X86_64_PLT32 => {
+                    let s = s_addr.ok_or_else(|| rel_err(&sym.name, "relative reference into a section that is not placed".into()))?;
+                    let v = value(s)? - i128::from(p);
+                    let v = i32::try_from(v).map_err(|_| rel_err(&sym.name, format!("target {s:#x} is out of rel32 reach of {p:#x}")))?;
+                    put(image, at, &v.to_le_bytes()).map_err(|d| rel_err(&sym.name, d))?;
+                }
+                R_X86_64_PC64 => {
+                    let s = s_addr.ok_or_else(|| rel_err(&sym.name, "relative reference into a section that is not placed".into()))?;
+                    let v = (value(s)? - i128::from(p)) as i64;
+                    put(image, at, &v.to_le_bytes()).map_err(|d| rel_err(&sym.name, d))?;
+                }
+                R_X86_64_32 => {
+                    let s = s_addr.ok_or_else(|| rel_err(&sym.name, "reference into a section that is not placed".into()))?;
+                    let v = u32::try_from(value(s)?).map_err(|_| rel_err(&sym.name, "value does not fit R_X86_64_32".into()))?;
+                    put(image, at, &v.to_le_bytes()).map_err(|d| rel_err(&sym.name, d))?;
+                }
+                R_X86_64_32S => {
+                    let s = s_addr.ok_or_else(|| rel_err(&sym.name, "reference into a section that is not placed".into()))?;
+                    let v = i32::try_from(value(s)? as u64 as i64)
+                        .map_err(|_| rel_err(&sym.name, "value does not fit R_X86_64_32S".into()))?;
+                    put(image, at, &v.to_le_bytes()).map_err(|d| rel_err(&sym.name, d))?;
+                }
+                other => return Err(rel_err(&sym.name, format!("unsupported relocation type {other}"))),
+            }
+        }
+    }
+    let images = images
+        .into_iter()
+        .filter_map(|(i, bytes)| phys_base.get(&i).map(|p| (*p, bytes)))
+        .collect();
+    Ok(LinkedModule { allocations: allocations.clone(), section_base, images })
+}
+
+fn put(image: &mut [u8], at: usize, bytes: &[u8]) -> std::result::Result<(), String> {
+    let end = at.checked_add(bytes.len()).ok_or("offset overflow")?;
+    image.get_mut(at..end).ok_or_else(|| format!("relocation at {at:#x} is outside its section"))?.copy_from_slice(bytes);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn klp_sym_names() {
+        assert_eq!(parse_klp_sym(".klp.sym.vmlinux.saved_command_line,0"), Some((None, "saved_command_line".into(), 0)));
+        assert_eq!(parse_klp_sym(".klp.sym.mymod.foo,2"), Some((Some("mymod".into()), "foo".into(), 2)));
+        assert_eq!(parse_klp_sym("saved_command_line"), None);
+        assert_eq!(parse_klp_sym(".klp.sym.vmlinux.x,abc"), None);
+    }
+}
