@@ -1,0 +1,243 @@
+//! Patching from outside on the real test guest: the kernel tree's livepatch
+//! modules applied by hyperpatch without the guest loading them.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn module(name: &str) -> String {
+    image_dir().join("modules").join(name).display().to_string()
+}
+
+fn cmdline_orig(g: &mut Guest) -> String {
+    g.sh("read l < /proc/cmdline; echo \"$l\"")
+}
+
+fn read_cmdline(g: &mut Guest) -> String {
+    g.sh("read l < /proc/cmdline; echo \"$l\"")
+}
+
+fn read_meminfo_first(g: &mut Guest) -> String {
+    g.sh("read l < /proc/meminfo; echo \"$l\"")
+}
+
+fn site_bytes(g: &Guest, func: &str) -> (u64, String) {
+    let r = g.api_ok(json!({"verb": "ftrace", "function": func}));
+    let bytes: Vec<String> = r["bytes"].as_array().unwrap().iter().map(|b| format!("{:02x}", b.as_u64().unwrap())).collect();
+    (r["site"].as_u64().unwrap(), bytes.join(""))
+}
+
+/// Guest-physical bytes around a function (its first 64 bytes).
+fn code_around(g: &Guest, func: &str) -> String {
+    let (site, _) = site_bytes(g, func);
+    let r = g.api_ok(json!({"verb": "sym", "query": func}));
+    let _ = r;
+    // Kernel text is mapped linearly from _text at its physical load address.
+    let layout = g.api_ok(json!({"verb": "layout"}));
+    let text = layout["text_base"].as_u64().unwrap();
+    let phys = 0x100_0000 + (site - text);
+    g.api_ok(json!({"verb": "read_memory", "addr": phys - 16, "len": 96}))["hex"].as_str().unwrap().to_string()
+}
+
+fn apply(g: &Guest, m: &str, extra: Value) -> Value {
+    let mut req = json!({"verb": "apply", "path": module(m)});
+    if let Value::Object(o) = extra {
+        for (k, v) in o {
+            req[k] = v;
+        }
+    }
+    g.api_ok(req)
+}
+
+#[test]
+fn sample_apply_disable_enable_remove_restores_every_byte() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-sample", &snap);
+    g.wait_api();
+    let orig = cmdline_orig(&mut g);
+    assert!(orig.contains("console=ttyS0"), "{orig}");
+    let before_site = site_bytes(&g, "cmdline_proc_show");
+    assert_eq!(before_site.1, "0f1f440000");
+    let before_code = code_around(&g, "cmdline_proc_show");
+
+    let r = apply(&g, "livepatch-sample.ko", json!({}));
+    assert_eq!(r["sites"], json!(1));
+    assert_eq!(read_cmdline(&mut g), "this has been live patched");
+    let (_, now) = site_bytes(&g, "cmdline_proc_show");
+    assert!(now.starts_with("e9"), "site should be a jmp: {now}");
+    let list = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(list["patches"][0]["name"], json!("livepatch_sample"));
+    assert_eq!(list["patches"][0]["enabled"], json!(true));
+    assert!(list["reserved_used"].as_u64().unwrap() > 0);
+
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    assert_eq!(read_cmdline(&mut g), orig);
+    assert_eq!(site_bytes(&g, "cmdline_proc_show"), before_site);
+    assert_eq!(code_around(&g, "cmdline_proc_show"), before_code);
+
+    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample"}));
+    assert_eq!(read_cmdline(&mut g), "this has been live patched");
+
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    let r = g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
+    assert_eq!(r["reserved_used"], json!(0));
+    let list = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(list["patches"], json!([]));
+    assert_eq!(list["region_mapped"], json!(false));
+    // The reserved region is all zeros again.
+    let st = g.api_ok(json!({"verb": "status"}));
+    let start = st["reserved_region"]["start"].as_u64().unwrap();
+    let hex = g.api_ok(json!({"verb": "read_memory", "addr": start, "len": 65536}))["hex"].as_str().unwrap().to_string();
+    assert!(hex.chars().all(|c| c == '0'), "reserved region not zeroed");
+    assert_eq!(site_bytes(&g, "cmdline_proc_show"), before_site);
+    assert_eq!(code_around(&g, "cmdline_proc_show"), before_code);
+    assert_eq!(read_cmdline(&mut g), orig);
+}
+
+#[test]
+fn func_stack_newest_enabled_wins_in_every_order() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-stack", &snap);
+    g.wait_api();
+    let orig = cmdline_orig(&mut g);
+    let sample = "this has been live patched";
+    let test = "test_klp_livepatch: this has been live patched";
+    // Two patches of different functions: both apply.
+    let mem_orig = read_meminfo_first(&mut g);
+    apply(&g, "livepatch-sample.ko", json!({}));
+    apply(&g, "test_klp_atomic_replace.ko", json!({"replace": false}));
+    assert_eq!(read_cmdline(&mut g), sample);
+    assert_eq!(read_meminfo_first(&mut g), "test_klp_atomic_replace: this has been live patched");
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_atomic_replace"}));
+    assert_eq!(read_meminfo_first(&mut g), mem_orig);
+    assert_eq!(read_cmdline(&mut g), sample);
+    g.api_ok(json!({"verb": "remove", "name": "test_klp_atomic_replace"}));
+
+    // Two patches of the same function: the newest enabled wins.
+    apply(&g, "test_klp_livepatch.ko", json!({}));
+    assert_eq!(read_cmdline(&mut g), test);
+    // Disable the older one: the newer still wins.
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    assert_eq!(read_cmdline(&mut g), test);
+    // Disable the newer: nothing left.
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch"}));
+    assert_eq!(read_cmdline(&mut g), orig);
+    // Enable the older: it wins.
+    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample"}));
+    assert_eq!(read_cmdline(&mut g), sample);
+    // Enable the newer: it wins again.
+    g.api_ok(json!({"verb": "enable", "name": "test_klp_livepatch"}));
+    assert_eq!(read_cmdline(&mut g), test);
+    // Disable the newer: the older shows through.
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch"}));
+    assert_eq!(read_cmdline(&mut g), sample);
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    assert_eq!(read_cmdline(&mut g), orig);
+    assert_eq!(site_bytes(&g, "cmdline_proc_show").1, "0f1f440000");
+    g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "remove", "name": "test_klp_livepatch"}));
+    assert_eq!(g.api_ok(json!({"verb": "list"}))["reserved_used"], json!(0));
+}
+
+#[test]
+fn apply_works_with_guest_module_loading_disabled() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-nomod", &snap);
+    g.wait_api();
+    g.sh("echo 1 > /proc/sys/kernel/modules_disabled");
+    assert_eq!(g.sh("read v < /proc/sys/kernel/modules_disabled; echo $v"), "1");
+    apply(&g, "livepatch-sample.ko", json!({}));
+    assert_eq!(read_cmdline(&mut g), "this has been live patched");
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_the_guest_untouched() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-bad", &snap);
+    g.wait_api();
+    let st = g.api_ok(json!({"verb": "status"}));
+    let start = st["reserved_region"]["start"].as_u64().unwrap();
+    let before_site = site_bytes(&g, "cmdline_proc_show");
+    let d = g.dir.clone();
+    let err = |g: &Guest, path: &str| -> String {
+        let r = g.api(json!({"verb": "apply", "path": path}));
+        assert_eq!(r["ok"], json!(false), "{path} should be refused: {r}");
+        r["error"].as_str().unwrap().to_string()
+    };
+    // Not an ELF.
+    let junk = d.join("junk.ko");
+    std::fs::write(&junk, b"not an elf file at all").unwrap();
+    assert!(err(&g, junk.to_str().unwrap()).contains("not an ELF"));
+    // An ELF that is not a livepatch module.
+    assert!(err(&g, &module("livepatch-shadow-mod.ko")).contains("not a livepatch module"));
+    assert!(err(&g, "/bin/true").contains("not a livepatch module"));
+    // Truncated and corrupted modules.
+    let good = std::fs::read(module("livepatch-sample.ko")).unwrap();
+    for cut in [64usize, 1000, good.len() / 2] {
+        let p = d.join(format!("cut{cut}.ko"));
+        std::fs::write(&p, &good[..cut]).unwrap();
+        let e = err(&g, p.to_str().unwrap());
+        assert!(!e.is_empty());
+    }
+    // A module whose old function does not exist (another kernel): rename it.
+    let mut other = good.clone();
+    let pos = other.windows(17).position(|w| w == b"cmdline_proc_show").unwrap();
+    other[pos..pos + 17].copy_from_slice(b"cmdline_proc_shoX");
+    let p = d.join("other.ko");
+    std::fs::write(&p, &other).unwrap();
+    let e = err(&g, p.to_str().unwrap());
+    assert!(e.contains("cmdline_proc_shoX"), "{e}");
+    // A symbol the new code needs is missing: seq_printf renamed.
+    let mut nosym = good.clone();
+    let positions: Vec<usize> = nosym.windows(12).enumerate().filter(|(_, w)| *w == b"\0seq_printf\0").map(|(i, _)| i + 1).collect();
+    assert!(!positions.is_empty());
+    for pos in positions {
+        nosym[pos..pos + 10].copy_from_slice(b"seq_printX");
+    }
+    let p = d.join("nosym.ko");
+    std::fs::write(&p, &nosym).unwrap();
+    let e = err(&g, p.to_str().unwrap());
+    assert!(e.contains("seq_printX"), "{e}");
+    // A site the guest traces.
+    g.sh("echo cmdline_proc_show > /sys/kernel/tracing/set_ftrace_filter; echo function > /sys/kernel/tracing/current_tracer");
+    let e = err(&g, &module("livepatch-sample.ko"));
+    assert!(e.contains("ftrace") || e.contains("not the ftrace NOP"), "{e}");
+    g.sh("echo nop > /sys/kernel/tracing/current_tracer; echo > /sys/kernel/tracing/set_ftrace_filter");
+    // Nothing was left behind.
+    assert_eq!(site_bytes(&g, "cmdline_proc_show"), before_site);
+    let hex = g.api_ok(json!({"verb": "read_memory", "addr": start, "len": 65536}))["hex"].as_str().unwrap().to_string();
+    assert!(hex.chars().all(|c| c == '0'), "reserved region touched");
+    assert_eq!(g.api_ok(json!({"verb": "list"}))["region_mapped"], json!(false));
+    // And it still works afterwards.
+    apply(&g, "livepatch-sample.ko", json!({}));
+    assert_eq!(read_cmdline(&mut g), "this has been live patched");
+}
+
+#[test]
+fn busy_guest_patched_and_unpatched_200_times() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-busy", &snap);
+    g.wait_api();
+    let orig = cmdline_orig(&mut g);
+    // A loop of shell builtins reading the patched path, checking every read.
+    g.send(&format!(
+        "(n=0; bad=0; while [ -e /proc/self ]; do read l < /proc/cmdline; case \"$l\" in \"{orig}\"|\"this has been live patched\") ;; *) bad=$((bad+1)); echo \"BA\"\"D:$l\";; esac; n=$((n+1)); [ $((n % 50)) -eq 0 ] && echo reads=$n; done) &\n"
+    ));
+    g.wait_for("reads=50", CMD_TIMEOUT);
+    apply(&g, "livepatch-sample.ko", json!({}));
+    for i in 0..200 {
+        let verb = if i % 2 == 0 { "disable" } else { "enable" };
+        g.api_ok(json!({"verb": verb, "name": "livepatch_sample"}));
+    }
+    let seen = g.console_len();
+    g.wait_for_from("reads=", seen, CMD_TIMEOUT);
+    g.send("kill %1\n");
+    let text = g.console_text();
+    let bad: Vec<&str> = text.lines().filter(|l| l.contains("BAD:")).collect();
+    assert!(bad.is_empty(), "a read returned something else: {bad:?}");
+    for bad in ["Oops", "BUG:", "general protection", "Kernel panic"] {
+        assert!(!text.contains(bad), "guest reported {bad}:\n{}", g.tail(3000));
+    }
+    assert_eq!(g.sh("echo alive"), "alive");
+}
