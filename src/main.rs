@@ -101,6 +101,13 @@ enum Cmd {
     Remove { name: String },
     /// Patches in stack order with their functions and states.
     List,
+    /// The main job end to end: boot the test guest, show its /proc/cmdline,
+    /// apply livepatch-sample.ko from outside, show it again, shut down.
+    Demo {
+        /// Patch module to apply (default: the test image's livepatch-sample.ko).
+        #[arg(long)]
+        module: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -203,6 +210,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         ),
         Cmd::Remove { name } => patch_verb(cli.api_sock.as_deref(), json!({"verb": "remove", "name": name}), cli.json),
         Cmd::List => patch_verb(cli.api_sock.as_deref(), json!({"verb": "list"}), cli.json),
+        Cmd::Demo { module } => demo(module),
         Cmd::Dump { out } => {
             let out = absolute(&out)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "dump", "out": out}), cli.json)
@@ -278,6 +286,100 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         VmExit::Panic => bail!("the guest kernel panicked"),
         VmExit::Error(e) => bail!("{e}"),
     }
+}
+
+/// Console output shared between the guest's UART and the demo driver.
+#[derive(Clone, Default)]
+struct TeeConsole(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for TeeConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("console lock"))?.extend_from_slice(buf);
+        let mut out = std::io::stdout();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TeeConsole {
+    fn len(&self) -> usize {
+        self.0.lock().map(|b| b.len()).unwrap_or(0)
+    }
+    /// Waits until `pat` appears after byte `from`; returns the text between.
+    fn wait_for(&self, pat: &str, from: usize, timeout: std::time::Duration, vm: &Vm) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let b = self.0.lock().map_err(|_| anyhow!("console lock"))?;
+                let text = String::from_utf8_lossy(b.get(from..).unwrap_or(&[])).into_owned();
+                if let Some(i) = text.find(pat) {
+                    return Ok(text[..i].to_string());
+                }
+            }
+            if let Some(why) = vm.exit_reason() {
+                bail!("the guest stopped ({why:?}) while waiting for {pat:?}");
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("timed out waiting for {pat:?} on the guest console");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
+    use vmm::api::ApiExtension;
+    let dir = test_image_dir()?;
+    let mut cmdline = BASE_CMDLINE.to_string();
+    let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
+    cmdline.push(' ');
+    cmdline.push_str(extra.trim());
+    let module = module.unwrap_or_else(|| dir.join("modules/livepatch-sample.ko"));
+    let module = absolute(&module)?;
+    let cfg = VmConfig {
+        kernel: dir.join("vmlinux"),
+        initrd: Some(dir.join("initramfs.cpio")),
+        cmdline,
+        vcpus: 1,
+        mem_mib: 512,
+        reserved_mib: 16,
+    };
+    let console = TeeConsole::default();
+    let t = std::time::Instant::now();
+    let mut vm = Vm::boot(&cfg, Box::new(console.clone()))?;
+    let long = std::time::Duration::from_secs(20 * 60);
+    console.wait_for("HYPERPATCH-READY", 0, long, &vm)?;
+    eprintln!("\n[hyperpatch] guest ready after {:.1} s", t.elapsed().as_secs_f64());
+    let show = |vm: &Vm, tag: &str| -> Result<String> {
+        let from = console.len();
+        vm.console_input(format!("echo '<{tag}''>'; cat /proc/cmdline; echo '</{tag}''>'\n").as_bytes());
+        let start = format!("<{tag}>");
+        console.wait_for(&start, from, long, vm)?;
+        let body = console.wait_for(&format!("</{tag}>"), from, long, vm)?;
+        let body = body.rsplit(&start).next().unwrap_or("").trim().to_string();
+        Ok(body)
+    };
+    let before = show(&vm, "before")?;
+    let mut api = hyperpatch::live::GuestApi::new(&vm);
+    let t = std::time::Instant::now();
+    let r = api
+        .handle(&vm, "apply", &json!({"verb": "apply", "path": module}))
+        .ok_or_else(|| anyhow!("apply is not served"))?
+        .map_err(|e| anyhow!("{e}"))?;
+    eprintln!(
+        "\n[hyperpatch] applied {} from outside in {:.1} ms (guest stopped {:.0} us)",
+        module.display(),
+        t.elapsed().as_secs_f64() * 1e3,
+        r["stopped_us"].as_f64().unwrap_or(0.0)
+    );
+    let after = show(&vm, "after")?;
+    vm.stop(VmExit::Shutdown);
+    println!("\n/proc/cmdline before: {before}\n/proc/cmdline after:  {after}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One request to a running VM; its result or its error.
