@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use introspect::btf::Btf;
 use introspect::kallsyms::Kallsyms;
 use introspect::kernel::Kernel;
@@ -66,16 +66,39 @@ pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
 
+/// A patch operation waiting for a safe point.
+struct PendingOp {
+    verb: String,
+    target: String,
+    module: Option<PatchModule>,
+    opts: ApplyOptions,
+    start: Instant,
+    timeout: Duration,
+    attempts: u64,
+    blockers: Vec<patcher::engine::Blocker>,
+    unwinder: Option<introspect::stacks::Unwinder>,
+}
+
+/// How the last finished operation ended (for clients polling `list`).
+#[derive(Clone, Debug)]
+struct Finished {
+    verb: String,
+    target: String,
+    result: std::result::Result<Value, String>,
+}
+
 /// Answers introspection and patching verbs and `dump` for a live VM.
 pub struct GuestApi {
     cache: Option<(Kallsyms, Btf)>,
     patcher: Patcher,
+    pending: Option<PendingOp>,
+    finished: Option<Finished>,
 }
 
 impl GuestApi {
     pub fn new(vm: &Vm) -> GuestApi {
         let l = vm.layout();
-        GuestApi { cache: None, patcher: Patcher::new(l.reserved_start(), l.reserved_size) }
+        GuestApi { cache: None, patcher: Patcher::new(l.reserved_start(), l.reserved_size), pending: None, finished: None }
     }
 
     /// Runs `f` on the kernel view of the paused VM, keeping kallsyms and BTF.
@@ -97,6 +120,64 @@ impl GuestApi {
         r
     }
 
+    /// One safe-point attempt of the pending operation, all vCPUs stopped.
+    /// `Some(result)` when it has ended (switched, failed or timed out).
+    fn attempt(&mut self, vm: &Vm) -> Option<std::result::Result<Value, String>> {
+        let mut op = self.pending.take()?;
+        op.attempts += 1;
+        let paused = match vm.pause() {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let stopped = Instant::now();
+        let outcome = self.with_kernel(&paused, |p, k, w| {
+            if op.unwinder.is_none() {
+                op.unwinder = Some(k.unwinder(&k.modules()?)?);
+            }
+            let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
+            Ok(match (&op.module, op.verb.as_str()) {
+                (Some(m), _) => p.apply(k, w, u, m, op.opts)?,
+                (None, "disable") => p.set_enabled(k, w, u, &op.target, false, op.opts.force)?,
+                (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force)?,
+            })
+        });
+        let stopped_for = stopped.elapsed();
+        drop(paused);
+        match outcome {
+            Err(e) => Some(Err(format!("{e:#}"))),
+            Ok(Outcome::Switched { sites, forced }) => {
+                if forced {
+                    eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
+                }
+                Some(Ok(json!({
+                    "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
+                    "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
+                    "stopped_us": stopped_for.as_secs_f64() * 1e6,
+                })))
+            }
+            Ok(Outcome::Blocked(blockers)) => {
+                if op.start.elapsed() >= op.timeout {
+                    let list: Vec<String> = blockers.iter().map(|b| b.to_string()).collect();
+                    return Some(Err(PatchError::Timeout { secs: op.timeout.as_secs(), blockers: list.join("; ") }.to_string()));
+                }
+                op.blockers = blockers;
+                self.pending = Some(op);
+                None
+            }
+        }
+    }
+
+    fn pending_view(&self) -> Value {
+        match &self.pending {
+            None => Value::Null,
+            Some(op) => json!({
+                "verb": op.verb, "patch": op.target, "state": "waiting for a safe point",
+                "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
+                "blockers": op.blockers,
+            }),
+        }
+    }
+
     fn patch_verb(&mut self, vm: &Vm, verb: &str, req: &Value) -> Result<Value> {
         let name = || req.get("name").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| anyhow!("{verb} needs \"name\""));
         let force = req.get("force").and_then(Value::as_bool).unwrap_or(false);
@@ -105,13 +186,18 @@ impl GuestApi {
             "list" => Ok(self.list()),
             "remove" => {
                 let name = name()?;
+                if self.pending.as_ref().is_some_and(|p| p.target == name) {
+                    bail!("patch {name} is in transition");
+                }
                 let paused = vm.pause()?;
-                let mem = paused.memory();
-                self.patcher.remove(&LiveWriter(mem), &name)?;
+                self.patcher.remove(&LiveWriter(paused.memory()), &name)?;
                 drop(paused);
                 Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
             }
             "apply" | "disable" | "enable" => {
+                if let Some(p) = &self.pending {
+                    bail!("{} {} is still waiting for a safe point; try again when it ends", p.verb, p.target);
+                }
                 let module = if verb == "apply" {
                     let path = req.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("apply needs \"path\""))?;
                     let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
@@ -122,53 +208,35 @@ impl GuestApi {
                 } else {
                     None
                 };
-                let opts = ApplyOptions { replace: req.get("replace").and_then(Value::as_bool), force };
                 let target = match &module {
                     Some(m) => m.name.clone(),
                     None => name()?,
                 };
-                let start = Instant::now();
-                let mut attempts = 0u64;
-                let mut unwinder = None;
+                self.finished = None;
+                self.pending = Some(PendingOp {
+                    verb: verb.to_string(),
+                    target: target.clone(),
+                    module,
+                    opts: ApplyOptions {
+                        replace: req.get("replace").and_then(Value::as_bool),
+                        force,
+                        skip_callbacks: req.get("skip_callbacks").and_then(Value::as_bool).unwrap_or(false),
+                    },
+                    start: Instant::now(),
+                    timeout,
+                    attempts: 0,
+                    blockers: Vec::new(),
+                    unwinder: None,
+                });
+                let wait = req.get("wait").and_then(Value::as_bool).unwrap_or(false);
                 loop {
-                    attempts += 1;
-                    let paused = vm.pause()?;
-                    let stopped = Instant::now();
-                    let outcome = self.with_kernel(&paused, |p, k, w| {
-                        if unwinder.is_none() {
-                            unwinder = Some(k.unwinder(&k.modules()?)?);
-                        }
-                        let u = unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
-                        Ok(match (&module, verb) {
-                            (Some(m), _) => p.apply(k, w, u, m, opts)?,
-                            (None, "disable") => p.set_enabled(k, w, u, &target, false, force)?,
-                            (None, _) => p.set_enabled(k, w, u, &target, true, force)?,
-                        })
-                    })?;
-                    let stopped_for = stopped.elapsed();
-                    drop(paused);
-                    match outcome {
-                        Outcome::Switched { sites, forced } => {
-                            if forced {
-                                eprintln!("hyperpatch: {verb} {target}: FORCED switch while functions were on stacks (unsafe)");
-                            }
-                            return Ok(json!({
-                                "patch": target, "verb": verb, "sites": sites, "forced": forced,
-                                "attempts": attempts, "elapsed_secs": start.elapsed().as_secs_f64(),
-                                "stopped_us": stopped_for.as_secs_f64() * 1e6,
-                            }));
-                        }
-                        Outcome::Blocked(blockers) => {
-                            if start.elapsed() >= timeout {
-                                let list: Vec<String> = blockers.iter().map(|b| b.to_string()).collect();
-                                return Err(PatchError::Timeout { secs: timeout.as_secs(), blockers: list.join("; ") }.into());
-                            }
-                            if attempts % 200 == 1 {
-                                eprintln!("hyperpatch: {verb} {target}: waiting for a safe point: {}", blockers.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("; "));
-                            }
-                            std::thread::sleep(RETRY_DELAY);
-                        }
+                    if let Some(r) = self.attempt(vm) {
+                        return r.map_err(|e| anyhow!(e));
                     }
+                    if !wait {
+                        return Ok(self.pending_view());
+                    }
+                    std::thread::sleep(RETRY_DELAY);
                 }
             }
             other => Err(anyhow!("unknown patch verb {other}")),
@@ -176,9 +244,17 @@ impl GuestApi {
     }
 
     fn list(&self) -> Value {
+        let pending = self.pending.as_ref().map(|p| p.target.clone());
         json!({
+            "pending": self.pending_view(),
+            "last": self.finished.as_ref().map(|f| json!({
+                "verb": f.verb, "patch": f.target,
+                "ok": f.result.is_ok(),
+                "result": f.result.as_ref().ok(),
+                "error": f.result.as_ref().err(),
+            })),
             "patches": self.patcher.patches().iter().map(|p| json!({
-                "name": p.name, "enabled": p.enabled, "transition": false, "replace": p.replace,
+                "name": p.name, "enabled": p.enabled, "transition": pending.as_deref() == Some(p.name.as_str()), "replace": p.replace,
                 "forced": p.forced, "path": p.path,
                 "states": p.states,
                 "functions": p.funcs,
@@ -212,6 +288,19 @@ impl GuestApi {
 }
 
 impl ApiExtension for GuestApi {
+    fn tick(&mut self, vm: &Vm) -> Option<Duration> {
+        let p = self.pending.as_ref()?;
+        let (verb, target) = (p.verb.clone(), p.target.clone());
+        if let Some(result) = self.attempt(vm) {
+            if let Err(e) = &result {
+                eprintln!("hyperpatch: {verb} {target} failed: {e}");
+            }
+            self.finished = Some(Finished { verb, target, result });
+            return None;
+        }
+        Some(RETRY_DELAY)
+    }
+
     fn handle(&mut self, vm: &Vm, verb: &str, req: &Value) -> Option<std::result::Result<Value, String>> {
         if verb != "dump" && !crate::inspect::VERBS.contains(&verb) && !PATCH_VERBS.contains(&verb) {
             return None;

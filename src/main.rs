@@ -77,6 +77,9 @@ enum Cmd {
         /// Switch even when a changed function is on a stack (unsafe).
         #[arg(long)]
         force: bool,
+        /// Apply a module with klp callbacks without running them.
+        #[arg(long)]
+        skip_callbacks: bool,
         /// Seconds to wait for a safe point.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
@@ -190,9 +193,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let dir = absolute(&dir)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
         }
-        Cmd::Apply { module, replace, force, timeout } => {
+        Cmd::Apply { module, replace, force, skip_callbacks, timeout } => {
             let path = absolute(&module)?;
-            let mut req = json!({"verb": "apply", "path": path, "force": force, "timeout_secs": timeout});
+            let mut req = json!({"verb": "apply", "path": path, "force": force, "skip_callbacks": skip_callbacks, "timeout_secs": timeout});
             if replace {
                 req["replace"] = json!(true);
             }
@@ -367,7 +370,7 @@ fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
     let mut api = hyperpatch::live::GuestApi::new(&vm);
     let t = std::time::Instant::now();
     let r = api
-        .handle(&vm, "apply", &json!({"verb": "apply", "path": module}))
+        .handle(&vm, "apply", &json!({"verb": "apply", "path": module, "wait": true}))
         .ok_or_else(|| anyhow!("apply is not served"))?
         .map_err(|e| anyhow!("{e}"))?;
     eprintln!(
@@ -406,7 +409,34 @@ fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exi
 
 fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
     let verb = req["verb"].as_str().unwrap_or("").to_string();
-    let r = call(api_sock, req)?;
+    let mut r = call(api_sock, req)?;
+    // A transition waiting for a safe point goes on in the VMM: follow it.
+    let mut shown = String::new();
+    while r.get("state").and_then(Value::as_str) == Some("waiting for a safe point") {
+        let blockers: Vec<String> = r["blockers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| format!("pid {} ({}) in {} at {}", b["pid"], b["comm"].as_str().unwrap_or("?"), b["function"].as_str().unwrap_or("?"), b["frame"].as_str().unwrap_or("?")))
+            .collect();
+        let line = format!("waiting for a safe point ({:.1} s): {}", r["elapsed_secs"].as_f64().unwrap_or(0.0), blockers.join("; "));
+        if line != shown && !as_json {
+            eprintln!("{line}");
+            shown = line;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let l = call(api_sock, json!({"verb": "list"}))?;
+        if !l["pending"].is_null() {
+            r = l["pending"].clone();
+            continue;
+        }
+        let last = &l["last"];
+        if last["ok"].as_bool() == Some(true) {
+            r = last["result"].clone();
+        } else {
+            bail!("{}", last["error"].as_str().unwrap_or("the transition failed"));
+        }
+    }
     if as_json {
         println!("{r}");
         return Ok(ExitCode::SUCCESS);

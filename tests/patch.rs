@@ -41,7 +41,7 @@ fn code_around(g: &Guest, func: &str) -> String {
 }
 
 fn apply(g: &Guest, m: &str, extra: Value) -> Value {
-    let mut req = json!({"verb": "apply", "path": module(m)});
+    let mut req = json!({"verb": "apply", "path": module(m), "wait": true});
     if let Value::Object(o) = extra {
         for (k, v) in o {
             req[k] = v;
@@ -71,15 +71,15 @@ fn sample_apply_disable_enable_remove_restores_every_byte() {
     assert_eq!(list["patches"][0]["enabled"], json!(true));
     assert!(list["reserved_used"].as_u64().unwrap() > 0);
 
-    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
     assert_eq!(read_cmdline(&mut g), orig);
     assert_eq!(site_bytes(&g, "cmdline_proc_show"), before_site);
     assert_eq!(code_around(&g, "cmdline_proc_show"), before_code);
 
-    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample", "wait": true}));
     assert_eq!(read_cmdline(&mut g), "this has been live patched");
 
-    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
     let r = g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
     assert_eq!(r["reserved_used"], json!(0));
     let list = g.api_ok(json!({"verb": "list"}));
@@ -109,7 +109,7 @@ fn func_stack_newest_enabled_wins_in_every_order() {
     apply(&g, "test_klp_atomic_replace.ko", json!({"replace": false}));
     assert_eq!(read_cmdline(&mut g), sample);
     assert_eq!(read_meminfo_first(&mut g), "test_klp_atomic_replace: this has been live patched");
-    g.api_ok(json!({"verb": "disable", "name": "test_klp_atomic_replace"}));
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_atomic_replace", "wait": true}));
     assert_eq!(read_meminfo_first(&mut g), mem_orig);
     assert_eq!(read_cmdline(&mut g), sample);
     g.api_ok(json!({"verb": "remove", "name": "test_klp_atomic_replace"}));
@@ -118,21 +118,21 @@ fn func_stack_newest_enabled_wins_in_every_order() {
     apply(&g, "test_klp_livepatch.ko", json!({}));
     assert_eq!(read_cmdline(&mut g), test);
     // Disable the older one: the newer still wins.
-    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
     assert_eq!(read_cmdline(&mut g), test);
     // Disable the newer: nothing left.
-    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch"}));
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch", "wait": true}));
     assert_eq!(read_cmdline(&mut g), orig);
     // Enable the older: it wins.
-    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "enable", "name": "livepatch_sample", "wait": true}));
     assert_eq!(read_cmdline(&mut g), sample);
     // Enable the newer: it wins again.
-    g.api_ok(json!({"verb": "enable", "name": "test_klp_livepatch"}));
+    g.api_ok(json!({"verb": "enable", "name": "test_klp_livepatch", "wait": true}));
     assert_eq!(read_cmdline(&mut g), test);
     // Disable the newer: the older shows through.
-    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch"}));
+    g.api_ok(json!({"verb": "disable", "name": "test_klp_livepatch", "wait": true}));
     assert_eq!(read_cmdline(&mut g), sample);
-    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample"}));
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
     assert_eq!(read_cmdline(&mut g), orig);
     assert_eq!(site_bytes(&g, "cmdline_proc_show").1, "0f1f440000");
     g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
@@ -228,7 +228,7 @@ fn busy_guest_patched_and_unpatched_200_times() {
     apply(&g, "livepatch-sample.ko", json!({}));
     for i in 0..200 {
         let verb = if i % 2 == 0 { "disable" } else { "enable" };
-        g.api_ok(json!({"verb": verb, "name": "livepatch_sample"}));
+        g.api_ok(json!({"verb": verb, "name": "livepatch_sample", "wait": true}));
     }
     let seen = g.console_len();
     g.wait_for_from("reads=", seen, CMD_TIMEOUT);
@@ -240,4 +240,79 @@ fn busy_guest_patched_and_unpatched_200_times() {
         assert!(!text.contains(bad), "guest reported {bad}:\n{}", g.tail(3000));
     }
     assert_eq!(g.sh("echo alive"), "alive");
+}
+
+#[test]
+fn a_task_sleeping_in_a_changed_function_holds_the_switch_until_it_leaves() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-safepoint", &snap);
+    g.wait_api();
+    // A task sleeps inside hp_sleep_wait() (guest-images/modules/hp_target.c).
+    g.send("cat /proc/hp_sleep &\n");
+    let deadline = std::time::Instant::now() + CMD_TIMEOUT;
+    let sleeper = loop {
+        let ps = g.api_ok(json!({"verb": "stack", "target": "all"}));
+        let found = ps.as_array().unwrap().iter().find(|t| {
+            t["frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_sleep_wait+"))
+        });
+        if let Some(t) = found {
+            break t["pid"].as_i64().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no task ever slept in hp_sleep_wait");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    // The apply waits: the API says which task and frame hold it.
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "timeout_secs": 120}));
+    assert_eq!(r["state"], json!("waiting for a safe point"), "{r}");
+    assert_eq!(r["blockers"][0]["pid"].as_i64(), Some(sleeper), "{r}");
+    assert!(r["blockers"][0]["frame"].as_str().unwrap().starts_with("hp_sleep_wait"), "{r}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["pending"]["blockers"][0]["pid"].as_i64(), Some(sleeper), "{l}");
+    assert_eq!(l["patches"], json!([]), "nothing may be switched while the task sleeps there");
+    // Wake it: it leaves hp_sleep_wait and the switch completes.
+    g.sh("echo 1 > /proc/hp_wake");
+    let deadline = std::time::Instant::now() + CMD_TIMEOUT;
+    loop {
+        let l = g.api_ok(json!({"verb": "list"}));
+        if l["pending"].is_null() {
+            assert_eq!(l["last"]["ok"], json!(true), "{l}");
+            assert_eq!(l["patches"][0]["name"], json!("hp_patch_sleep"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the switch never completed: {l}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The new code runs: a read no longer sleeps.
+    assert_eq!(g.sh("cat /proc/hp_sleep"), "woke 7 original");
+    // --force switches at once even with a sleeper: disable with a new sleeper inside the new code is
+    // not possible (the new code never sleeps), so force an apply over a fresh sleeper instead.
+    g.api_ok(json!({"verb": "disable", "name": "hp_patch_sleep", "wait": true}));
+    g.api_ok(json!({"verb": "remove", "name": "hp_patch_sleep"}));
+    g.send("cat /proc/hp_sleep &\n");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "force": true}));
+    assert_eq!(r["state"], json!("done"), "{r}");
+    assert_eq!(r["forced"], json!(true), "{r}");
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["patches"][0]["forced"], json!(true));
+    g.sh("echo 1 > /proc/hp_wake");
+}
+
+#[test]
+fn module_functions_and_a_20_function_patch() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-module", &snap);
+    g.wait_api();
+    assert_eq!(g.sh("cat /proc/hp_target"), "original");
+    assert_eq!(g.sh("cat /proc/hp_many"), "20");
+    apply(&g, "hp_patch_target.ko", json!({}));
+    apply(&g, "hp_patch_many.ko", json!({}));
+    assert_eq!(g.sh("cat /proc/hp_target"), "patched");
+    assert_eq!(g.sh("cat /proc/hp_many"), "40");
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["patches"][1]["functions"].as_array().unwrap().len(), 20);
+    g.api_ok(json!({"verb": "disable", "name": "hp_patch_many", "wait": true}));
+    assert_eq!(g.sh("cat /proc/hp_many"), "20");
+    assert_eq!(g.sh("cat /proc/hp_target"), "patched");
 }

@@ -27,6 +27,8 @@ pub struct ApplyOptions {
     pub replace: Option<bool>,
     /// Switch even when a changed function is on a stack (unsafe, logged).
     pub force: bool,
+    /// Apply a module whose objects have callbacks without running them.
+    pub skip_callbacks: bool,
 }
 
 /// One function a patch changes, resolved in the guest.
@@ -376,9 +378,13 @@ impl Patcher {
             return Err(PatchError::Duplicate(m.name.clone()));
         }
         let replace = opts.replace.unwrap_or(m.spec.replace);
-        if replace {
-            return Err(PatchError::State("atomic replace is not supported yet".into()));
+        if m.spec.objects.iter().any(|o| o.has_callbacks) && !opts.skip_callbacks {
+            return Err(PatchError::State(format!(
+                "{} has klp callbacks, which hyperpatch does not run; apply with skip_callbacks (--skip-callbacks) to apply it without them",
+                m.name
+            )));
         }
+        self.check_states(&m.name, &m.spec.states, replace)?;
         // Resolve every function and check its site before touching anything.
         let records = k.ftrace_records()?;
         let guest_klp = k.klp_patches()?;
@@ -437,8 +443,16 @@ impl Patcher {
             }
         }
         // Safety: the code running now at every site must be on no stack.
-        let ranges: Vec<(String, u64, u64)> =
+        let mut ranges: Vec<(String, u64, u64)> =
             funcs.iter().map(|(f, _, a, s, site)| self.current_range_or(*site, &f.old_name, *a, *s)).collect();
+        if replace {
+            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+            for s in self.sites.values() {
+                if s.active.is_some() && !mine.contains(&s.site) {
+                    ranges.push(self.current_range(s.site, (s.site, 5)));
+                }
+            }
+        }
         let blockers = Self::blockers(k, u, &ranges)?;
         if !blockers.is_empty() && !opts.force {
             return Ok(Outcome::Blocked(blockers));
@@ -517,10 +531,22 @@ impl Patcher {
             linked: linked.clone(),
         };
         self.patches.push(patch);
-        let desired = Self::desired(&self.patches);
+        let mut desired = Self::desired(&self.patches);
+        if replace {
+            // Nops: every site the new patch does not change returns to the original code.
+            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+            for (site, t) in desired.iter_mut() {
+                if !mine.contains(site) {
+                    *t = None;
+                }
+            }
+        }
         match self.switch_sites(k, w, &desired) {
             Ok(n) => {
                 self.next_id += 1;
+                if replace {
+                    self.drop_replaced(w)?;
+                }
                 Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
             }
             Err(e) => {
@@ -534,6 +560,54 @@ impl Patcher {
                 Err(e)
             }
         }
+    }
+
+    /// Linux's klp_is_patch_compatible(): a replacing patch must carry every
+    /// state of the enabled patches with an equal or higher version; no patch
+    /// may lower a state's version.
+    fn check_states(&self, name: &str, states: &[StateSpec], replace: bool) -> Result<()> {
+        for old in self.patches.iter().filter(|p| p.enabled) {
+            for os in &old.states {
+                match states.iter().find(|s| s.id == os.id) {
+                    None if replace => {
+                        return Err(PatchError::State(format!(
+                            "{name} replaces {} but does not carry its state id {} (version {})",
+                            old.name, os.id, os.version
+                        )))
+                    }
+                    None => {}
+                    Some(s) if s.version < os.version => {
+                        return Err(PatchError::State(format!(
+                            "{name} has state id {} version {}, lower than version {} of {}",
+                            s.id, s.version, os.version, old.name
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a replacing transition: the other patches leave the stack, their
+    /// memory is zeroed and freed, and sites nobody changes any more are forgotten.
+    fn drop_replaced(&mut self, w: &dyn GuestWriter) -> Result<()> {
+        let Some(last) = self.patches.pop() else { return Ok(()) };
+        let old = std::mem::take(&mut self.patches);
+        self.patches.push(last);
+        if let Some(region) = self.region.as_mut() {
+            for p in &old {
+                for (pa, bytes) in &p.linked.images {
+                    w.write_phys(*pa, &vec![0u8; bytes.len()])?;
+                }
+                for a in &p.linked.allocations {
+                    region.free(a);
+                }
+            }
+        }
+        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
+        self.sites.retain(|site, _| still.contains(site));
+        Ok(())
     }
 
     fn current_range_or(&self, site: u64, name: &str, addr: u64, size: u64) -> (String, u64, u64) {

@@ -84,6 +84,8 @@ pub struct FuncSpec {
 pub struct ObjectSpec {
     pub name: Option<String>,
     pub funcs: Vec<FuncSpec>,
+    /// The object has pre/post (un)patch callbacks (hyperpatch does not run them).
+    pub has_callbacks: bool,
 }
 
 /// A `klp_state`.
@@ -122,6 +124,8 @@ struct KlpLayout {
     patch_replace: u64,
     obj_name: u64,
     obj_funcs: u64,
+    obj_callbacks: u64,
+    callbacks_size: u64,
     obj_size: u64,
     func_old_name: u64,
     func_new_func: u64,
@@ -142,6 +146,8 @@ impl KlpLayout {
             patch_replace: btf.member_offset("klp_patch", "replace")?,
             obj_name: btf.member_offset("klp_object", "name")?,
             obj_funcs: btf.member_offset("klp_object", "funcs")?,
+            obj_callbacks: btf.member_offset("klp_object", "callbacks")?,
+            callbacks_size: btf.struct_size("klp_callbacks")?,
             obj_size: btf.struct_size("klp_object")?,
             func_old_name: btf.member_offset("klp_func", "old_name")?,
             func_new_func: btf.member_offset("klp_func", "new_func")?,
@@ -400,11 +406,15 @@ impl PatchModule {
                 funcs.push(FuncSpec { old_name, old_sympos, new_section, new_offset, new_symbol });
                 foff = foff.checked_add(l.func_size).ok_or_else(|| self.err("funcs overflow"))?;
             }
-            objects.push(ObjectSpec { name, funcs });
+            let has_callbacks = (0..l.callbacks_size / 8)
+                .filter_map(|i| self.pointer_at(osec, ooff + l.obj_callbacks + i * 8))
+                .next()
+                .is_some();
+            objects.push(ObjectSpec { name, funcs, has_callbacks });
             ooff = ooff.checked_add(l.obj_size).ok_or_else(|| self.err("objs overflow"))?;
         }
-        if objects.iter().all(|o| o.funcs.is_empty()) {
-            return Err(self.not_livepatch("the klp_patch changes no function"));
+        if objects.is_empty() {
+            return Err(self.not_livepatch("the klp_patch has no objects"));
         }
         let mut states = Vec::new();
         if let Some(Target::Local { section: ssec, offset: mut soff }) = self.pointer_at(sec, base + l.patch_states) {

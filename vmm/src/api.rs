@@ -32,6 +32,11 @@ const MAX_CLIENTS: usize = 64;
 /// Handles verbs this crate does not know. Returns `None` for an unknown verb.
 pub trait ApiExtension {
     fn handle(&mut self, vm: &Vm, verb: &str, request: &Value) -> Option<std::result::Result<Value, String>>;
+    /// Background work (a transition waiting for a safe point); returns how
+    /// soon it wants to run again, `None` when idle.
+    fn tick(&mut self, _vm: &Vm) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// An extension that knows no verbs.
@@ -151,7 +156,12 @@ impl Controller {
                 }
                 return Ok(c.vm.exit_reason().unwrap_or(why));
             }
-            if let Err(e) = em.run_with_timeout(500) {
+            let wait_ms = {
+                let mut c = ctl.borrow_mut();
+                let Controller { ext, vm, .. } = &mut *c;
+                ext.tick(vm).map(|d| d.as_millis().clamp(1, 500) as i32).unwrap_or(500)
+            };
+            if let Err(e) = em.run_with_timeout(wait_ms) {
                 if !matches!(&e, event_manager::Error::Epoll(err) if err.errno() == libc::EINTR) {
                     return Err(VmmError::Config(format!("event loop: {e}")));
                 }
