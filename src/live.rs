@@ -76,7 +76,10 @@ struct PendingOp {
     timeout: Duration,
     attempts: u64,
     blockers: Vec<patcher::engine::Blocker>,
+    /// ORC tables and ftrace records, read once before the first attempt so
+    /// the stops only check stacks and write sites.
     unwinder: Option<introspect::stacks::Unwinder>,
+    records: Option<introspect::ftrace::FtraceRecords>,
 }
 
 /// How the last finished operation ended (for clients polling `list`).
@@ -134,9 +137,12 @@ impl GuestApi {
             if op.unwinder.is_none() {
                 op.unwinder = Some(k.unwinder(&k.modules()?)?);
             }
+            if op.records.is_none() && op.module.is_some() {
+                op.records = Some(k.ftrace_records()?);
+            }
             let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
             Ok(match (&op.module, op.verb.as_str()) {
-                (Some(m), _) => p.apply(k, w, u, m, op.opts)?,
+                (Some(m), _) => p.apply(k, w, u, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, m, op.opts)?,
                 (None, "disable") => p.set_enabled(k, w, u, &op.target, false, op.opts.force)?,
                 (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force)?,
             })
@@ -227,7 +233,28 @@ impl GuestApi {
                     attempts: 0,
                     blockers: Vec::new(),
                     unwinder: None,
+                    records: None,
                 });
+                // Read what does not change while the guest runs in a first,
+                // separate stop, so the switching stops stay short.
+                {
+                    let paused = vm.pause()?;
+                    let op = self.pending.take();
+                    let mut op = op.ok_or_else(|| anyhow!("pending"))?;
+                    let prep = self.with_kernel(&paused, |_, k, _| {
+                        op.unwinder = Some(k.unwinder(&k.modules()?)?);
+                        if op.module.is_some() {
+                            op.records = Some(k.ftrace_records()?);
+                        }
+                        Ok(())
+                    });
+                    self.pending = Some(op);
+                    drop(paused);
+                    if let Err(e) = prep {
+                        self.pending = None;
+                        return Err(e);
+                    }
+                }
                 let wait = req.get("wait").and_then(Value::as_bool).unwrap_or(false);
                 loop {
                     if let Some(r) = self.attempt(vm) {

@@ -373,7 +373,15 @@ impl Patcher {
 
     /// Applies `m` at one safe point (all vCPUs stopped by the caller).
     /// Blocked: nothing in the guest changed; call again after resuming.
-    pub fn apply(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder, m: &PatchModule, opts: ApplyOptions) -> Result<Outcome> {
+    pub fn apply(
+        &mut self,
+        k: &Kernel<'_>,
+        w: &dyn GuestWriter,
+        u: &Unwinder,
+        records: &introspect::ftrace::FtraceRecords,
+        m: &PatchModule,
+        opts: ApplyOptions,
+    ) -> Result<Outcome> {
         if self.patches.iter().any(|p| p.name == m.name) {
             return Err(PatchError::Duplicate(m.name.clone()));
         }
@@ -386,7 +394,6 @@ impl Patcher {
         }
         self.check_states(&m.name, &m.spec.states, replace)?;
         // Resolve every function and check its site before touching anything.
-        let records = k.ftrace_records()?;
         let guest_klp = k.klp_patches()?;
         let mut funcs = Vec::new();
         let mut new_sites: Vec<SiteState> = Vec::new();
@@ -422,9 +429,11 @@ impl Patcher {
                     if insn != SiteInsn::Nop || bytes != NOP5 {
                         return Err(serr(format!("holds `{text}`, not the ftrace NOP (traced or patched by the guest?)")));
                     }
-                    let rec = records.by_ip.get(&site).ok_or_else(|| {
+                    let mut rec = *records.by_ip.get(&site).ok_or_else(|| {
                         serr("has no ftrace record: the function is notrace and cannot be patched".into())
                     })?;
+                    // The records were read before this stop: read the flags again now.
+                    rec.flags = k.mem.read_u64(rec.flags_addr)?;
                     if rec.enabled() || rec.refcount() > 0 {
                         return Err(serr(format!("the guest's ftrace uses this site (flags {:#x})", rec.flags)));
                     }

@@ -1,0 +1,95 @@
+//! Patching benchmarks on the real test guest, one run each, reported as
+//! figures and ratios (guest kernel code is emulated here, so guest-side
+//! numbers are only meaningful as ratios within one run):
+//! - guest stopped time per apply: 1 function and a 20-function patch, on 1
+//!   and 4 vCPUs (against the pause-resume round trip);
+//! - per-call cost of a patched function measured inside the guest kernel
+//!   (hp_target's TSC loop): unpatched, hyperpatch's direct jmp, and the
+//!   guest's own livepatch (ftrace handler) loading the same module;
+//! - time from apply to transition complete, against the guest's own insmod.
+//!
+//! Run: `cargo bench --bench patch`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use serde_json::json;
+
+fn module(name: &str) -> String {
+    image_dir().join("modules").join(name).display().to_string()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn stopped_times(vcpus: u32) {
+    let snap = ready_snapshot(vcpus);
+    let g = Guest::restore(&format!("bench-stop{vcpus}"), &snap);
+    g.wait_api();
+    let mut one = Vec::new();
+    let mut many = Vec::new();
+    for _ in 0..5 {
+        let r = g.api_ok(json!({"verb": "apply", "path": module("livepatch-sample.ko"), "wait": true}));
+        one.push(r["stopped_us"].as_f64().unwrap());
+        g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
+        g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
+        let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_many.ko"), "wait": true}));
+        many.push(r["stopped_us"].as_f64().unwrap());
+        g.api_ok(json!({"verb": "disable", "name": "hp_patch_many", "wait": true}));
+        g.api_ok(json!({"verb": "remove", "name": "hp_patch_many"}));
+    }
+    println!(
+        "guest stopped per apply, {vcpus} vCPU(s): 1 function {:.0} us, 20 functions {:.0} us (medians of 5)",
+        median(one),
+        median(many)
+    );
+}
+
+fn per_call(g: &mut Guest, n: u64) -> f64 {
+    let out = g.sh(&format!("echo {n} > /proc/hp_bench; read a b c < /proc/hp_bench; echo $a $b $c"));
+    let v: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[1] - v[2]) / v[0]
+}
+
+fn call_cost_and_apply_time() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("bench-call", &snap);
+    g.wait_api();
+    let n = 20_000;
+    let unpatched = per_call(&mut g, n);
+    let t = Instant::now();
+    g.api_ok(json!({"verb": "apply", "path": module("hp_patch_target.ko"), "wait": true}));
+    let hp_apply = t.elapsed().as_secs_f64();
+    assert_eq!(g.sh("cat /proc/hp_target"), "patched");
+    let hp = per_call(&mut g, n);
+    g.api_ok(json!({"verb": "disable", "name": "hp_patch_target", "wait": true}));
+    g.api_ok(json!({"verb": "remove", "name": "hp_patch_target"}));
+    // The guest's own livepatch with the same module.
+    let t = Instant::now();
+    g.sh("insmod /modules/hp_patch_target.ko; while read t < /sys/kernel/livepatch/hp_patch_target/transition && [ \"$t\" = 1 ]; do :; done");
+    let klp_apply = t.elapsed().as_secs_f64();
+    assert_eq!(g.sh("cat /proc/hp_target"), "patched");
+    let klp = per_call(&mut g, n);
+    println!(
+        "per call (TSC cycles, {n} calls, loop overhead subtracted): unpatched {unpatched:.0}, hyperpatch jmp {hp:.0} ({:.3}x), guest livepatch {klp:.0} ({:.3}x)",
+        hp / unpatched,
+        klp / unpatched
+    );
+    println!(
+        "apply to transition complete: hyperpatch {:.3} s, guest insmod + transition {:.1} s ({:.0}x)",
+        hp_apply,
+        klp_apply,
+        klp_apply / hp_apply
+    );
+}
+
+fn main() {
+    call_cost_and_apply_time();
+    stopped_times(1);
+    stopped_times(4);
+}
