@@ -1972,18 +1972,21 @@ mod tests {
         assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
-    /// Anonymous members sharing one wide subtree: a lookup of a missing
-    /// member must stop after a bounded number of members, not visit
-    /// 65536 structs of 60000 members each.
+    /// A binary tree of anonymous members with shared subtrees (17 levels)
+    /// where every struct also has 30000 named members: a lookup of a
+    /// missing member visited 65536 structs of 30000 members each (two
+    /// billion compares); it must stop after a bounded number of members.
     #[test]
     fn member_lookup_in_shared_wide_anonymous_members_is_bounded() {
         let mut b = Builder::new();
         let int = b.int("int", 4, true);
-        let leaf = b.strukt("", 4, &[("x", int, 0, 0)]);
-        let wide: Vec<(&str, u32, u32, u32)> = (0..60_000).map(|_| ("", leaf, 0, 0)).collect();
-        let mid = b.strukt("", 4, &wide);
-        let top_members: Vec<(&str, u32, u32, u32)> = (0..60_000).map(|_| ("", mid, 0, 0)).collect();
-        b.strukt("top", 4, &top_members);
+        let mut level = b.strukt("", 4, &[("x", int, 0, 0)]);
+        for _ in 0..17 {
+            let mut members: Vec<(&str, u32, u32, u32)> = vec![("", level, 0, 0), ("", level, 0, 0)];
+            members.extend((0..30_000).map(|_| ("a", int, 0, 0)));
+            level = b.strukt("", 4, &members);
+        }
+        b.strukt("top", 4, &[("", level, 0, 0)]);
         let btf = Btf::parse(b.build()).unwrap();
         let t = std::time::Instant::now();
         assert!(btf.member("top", "missing").is_err());

@@ -362,6 +362,9 @@ struct ImageScan<'a> {
     /// Next address to read.
     cursor: u64,
     limit: u64,
+    /// Read buffer reused across chunks: a sparse image must not cost one
+    /// fresh 1 MiB allocation per unmapped page.
+    chunk: Vec<u8>,
 }
 
 /// What one [`ImageScan::grow`] did.
@@ -388,7 +391,7 @@ fn level_span(level: u8) -> u64 {
 
 impl<'a> ImageScan<'a> {
     fn new(mem: &'a dyn KernelMemory, base: u64, limit: u64) -> ImageScan<'a> {
-        ImageScan { mem, region: Region { base, bytes: Vec::new() }, cursor: base, limit }
+        ImageScan { mem, region: Region { base, bytes: Vec::new() }, cursor: base, limit, chunk: Vec::new() }
     }
 
     /// Starts a new, empty segment at the cursor.
@@ -409,9 +412,12 @@ impl<'a> ImageScan<'a> {
             }
             let start = self.cursor;
             let Ok(want) = usize::try_from((self.limit - start).min(CHUNK)) else { return Growth::Finished };
-            let mut buf = vec![0u8; want];
+            // Only bytes a read succeeded on are used: no need to zero.
+            let mut buf = std::mem::take(&mut self.chunk);
+            buf.resize(want, 0);
             if self.mem.read_virt(start, &mut buf).is_ok() {
                 self.region.bytes.extend_from_slice(&buf);
+                self.chunk = buf;
                 self.cursor = start + want as u64;
                 return Growth::More;
             }
@@ -431,6 +437,7 @@ impl<'a> ImageScan<'a> {
                 }
             }
             self.region.bytes.extend_from_slice(buf.get(..good).unwrap_or(&[]));
+            self.chunk = buf;
             match resume {
                 None => {
                     // The page-by-page retry read everything after all.

@@ -67,6 +67,8 @@ pub struct ModuleSymbol {
     pub module: String,
     pub name: String,
     pub addr: u64,
+    /// ELF `st_size` (0 when unknown).
+    pub size: u64,
     pub kind: char,
 }
 
@@ -130,6 +132,8 @@ impl Kernel<'_> {
             let mut v = [0u8; 8];
             v.copy_from_slice(&e[8..16]);
             let value = u64::from_le_bytes(v);
+            v.copy_from_slice(&e[16..24]);
+            let size = u64::from_le_bytes(v);
             let kind = types.get(i).copied().unwrap_or(b'?') as char;
             // Index 0 is the null symbol; undefined ones are not listed.
             if i == 0 || st_shndx == 0 || st_name == 0 {
@@ -139,7 +143,7 @@ impl Kernel<'_> {
             if name.is_empty() || name.starts_with("$x") || kind == 'U' {
                 continue;
             }
-            out.push(ModuleSymbol { module: module.name.clone(), name, addr: value, kind });
+            out.push(ModuleSymbol { module: module.name.clone(), name, addr: value, size, kind });
         }
         Ok(out)
     }

@@ -140,13 +140,24 @@ impl SymbolResolver for GuestResolver<'_, '_> {
 }
 
 fn module_symbol(k: &Kernel<'_>, obj: &str, name: &str, sympos: u64) -> Result<u64> {
+    module_function(k, obj, name, sympos).map(|(a, _)| a)
+}
+
+/// Address and size of function `name` of loaded module `obj`.
+fn module_function(k: &Kernel<'_>, obj: &str, name: &str, sympos: u64) -> Result<(u64, u64)> {
     let m = k
         .modules()?
         .into_iter()
         .find(|m| m.name == obj)
         .ok_or_else(|| PatchError::Function { name: name.into(), detail: format!("module {obj} is not loaded") })?;
-    let hits: Vec<u64> = k.module_symbols(&m)?.into_iter().filter(|s| s.name == name).map(|s| s.addr).collect();
-    pick(name, &hits, sympos)
+    let syms: Vec<(u64, u64)> = k.module_symbols(&m)?.into_iter().filter(|s| s.name == name).map(|s| (s.addr, s.size)).collect();
+    let addrs: Vec<u64> = syms.iter().map(|s| s.0).collect();
+    let a = pick(name, &addrs, sympos)?;
+    let size = syms.iter().find(|s| s.0 == a).map(|s| s.1).unwrap_or(0);
+    if size == 0 {
+        return Err(PatchError::Function { name: name.into(), detail: format!("module {obj} gives no size for it") });
+    }
+    Ok((a, size))
 }
 
 fn pick(name: &str, hits: &[u64], sympos: u64) -> Result<u64> {
@@ -256,6 +267,7 @@ impl Patcher {
     pub fn blockers(k: &Kernel<'_>, u: &Unwinder, ranges: &[(String, u64, u64)]) -> Result<Vec<Blocker>> {
         let tasks = k.tasks()?;
         let mut out = Vec::new();
+        let modules = std::cell::OnceCell::new();
         for t in &tasks {
             let st = k.unwind_task(u, t);
             if !st.reliable {
@@ -276,7 +288,11 @@ impl Patcher {
                         pid: t.pid,
                         comm: t.comm.clone(),
                         function: name.clone(),
-                        frame: k.syms.resolve(ip).map(|s| s.format()).unwrap_or_else(|| format!("{:#x}", f.ip)),
+                        frame: {
+                            let mods = modules.get_or_init(|| k.modules().unwrap_or_default());
+                            let sym = introspect::stacks::Symbolizer::new(k, mods);
+                            if f.is_return_address() { sym.return_address(f.ip) } else { sym.exact(f.ip) }
+                        },
                         unreliable: false,
                     });
                     break;
@@ -399,14 +415,20 @@ impl Patcher {
         let mut new_sites: Vec<SiteState> = Vec::new();
         for obj in &m.spec.objects {
             for f in &obj.funcs {
-                let old_addr = match &obj.name {
-                    None => k.syms.address_of(&f.old_name, f.old_sympos as u32).map_err(|e| PatchError::Function {
-                        name: f.old_name.clone(),
-                        detail: e.to_string(),
-                    })?,
-                    Some(o) => module_symbol(k, o, &f.old_name, f.old_sympos)?,
+                let (old_addr, old_size) = match &obj.name {
+                    None => {
+                        let a = k.syms.address_of(&f.old_name, f.old_sympos as u32).map_err(|e| PatchError::Function {
+                            name: f.old_name.clone(),
+                            detail: e.to_string(),
+                        })?;
+                        let size = k.syms.resolve(a).filter(|s| s.addr == a).map(|s| s.size).unwrap_or(0);
+                        if size == 0 {
+                            return Err(PatchError::Function { name: f.old_name.clone(), detail: "kallsyms gives no size for it".into() });
+                        }
+                        (a, size)
+                    }
+                    Some(o) => module_function(k, o, &f.old_name, f.old_sympos)?,
                 };
-                let old_size = k.syms.resolve(old_addr).map(|s| s.size).filter(|s| *s > 0).unwrap_or(16);
                 let head = k.mem.read_bytes(old_addr, 9)?;
                 let site = if head.get(..4) == Some(&ENDBR64[..]) { old_addr + 4 } else { old_addr };
                 if funcs.iter().any(|x: &(crate::module::FuncSpec, Option<String>, u64, u64, u64)| x.4 == site) {
