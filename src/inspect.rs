@@ -58,21 +58,21 @@ fn parse_addr(q: &str) -> Option<u64> {
     u64::from_str_radix(h, 16).ok()
 }
 
+/// `sym <addr>` answers like the kernel's `%pS`; `sym <name>` lists every
+/// /proc/kallsyms line with that name (vmlinux, modules, ftrace), typed as
+/// /proc/kallsyms types them.
 fn sym(k: &Kernel<'_>, q: &str) -> Result<Value> {
     if let Some(addr) = parse_addr(q) {
         if let Some(s) = k.syms.resolve(addr) {
             return Ok(json!({"addr": addr, "symbol": s.format(), "name": s.name, "offset": s.offset, "size": s.size}));
         }
-        for m in k.modules()? {
-            if let Some(best) = k
-                .module_symbols(&m)?
-                .into_iter()
-                .filter(|s| s.addr <= addr)
-                .max_by_key(|s| s.addr)
-                .filter(|_| addr >= m.core_base && addr < m.core_base + m.core_size)
-            {
-                return Ok(json!({"addr": addr, "symbol": format!("{}+{:#x} [{}]", best.name, addr - best.addr, m.name), "name": best.name, "offset": addr - best.addr, "module": m.name}));
-            }
+        if let Some(m) = k.module_address_lookup(addr)? {
+            return Ok(json!({"addr": addr, "symbol": format!("{}+{:#x}/{:#x} [{}]", m.name, m.offset, m.size, m.module), "name": m.name, "offset": m.offset, "size": m.size, "module": m.module}));
+        }
+        // Not something %pS names, but /proc/kallsyms lists it.
+        if let Some(t) = k.ftrace_kallsyms()?.into_iter().find(|t| addr >= t.addr && addr - t.addr < t.size.max(1)) {
+            let off = addr - t.addr;
+            return Ok(json!({"addr": addr, "symbol": format!("{}+{:#x}/{:#x} [{}]", t.name, off, t.size, t.module), "name": t.name, "offset": off, "size": t.size, "module": t.module}));
         }
         bail!("no symbol covers {addr:#x}");
     }
@@ -82,11 +82,9 @@ fn sym(k: &Kernel<'_>, q: &str) -> Result<Value> {
         .into_iter()
         .map(|s| json!({"name": q, "addr": s.addr, "type": s.kind.to_string(), "module": Value::Null}))
         .collect();
-    for m in k.modules().context("reading modules")? {
-        for s in k.module_symbols(&m)? {
-            if s.name == q {
-                hits.push(json!({"name": q, "addr": s.addr, "type": s.kind.to_string(), "module": m.name}));
-            }
+    for s in k.extra_kallsyms().context("reading module and ftrace symbols")? {
+        if s.name == q {
+            hits.push(json!({"name": q, "addr": s.addr, "type": s.kind.to_string(), "module": s.module}));
         }
     }
     if hits.is_empty() {
@@ -112,7 +110,7 @@ pub fn render(verb: &str, v: &Value) -> String {
                     "{:>6} {:>6} {:<16} {:>2} {:>3} {:>4}\n",
                     s(&t["pid"]),
                     s(&t["tgid"]),
-                    s(&t["comm"]),
+                    s(&t["proc_comm"]),
                     s(&t["state"]),
                     s(&t["cpu"]),
                     s(&t["running_on"])

@@ -62,7 +62,7 @@ impl GuestWriter for LiveWriter<'_> {
 }
 
 /// Verbs of the patcher.
-pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list"];
+pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force"];
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
 
@@ -80,6 +80,10 @@ struct PendingOp {
     /// the stops only check stacks and write sites.
     unwinder: Option<introspect::stacks::Unwinder>,
     records: Option<introspect::ftrace::FtraceRecords>,
+    /// Per-task transition: tasks not yet migrated.
+    remaining: Option<usize>,
+    /// Complete a running per-task transition at the next step (unsafe).
+    force_now: bool,
 }
 
 /// How the last finished operation ended (for clients polling `list`).
@@ -135,16 +139,21 @@ impl GuestApi {
         let stopped = Instant::now();
         let outcome = self.with_kernel(&paused, |p, k, w| {
             if op.unwinder.is_none() {
-                op.unwinder = Some(k.unwinder(&k.modules()?)?);
+                let mut u = k.unwinder(&k.modules()?)?;
+                p.register_orc(&mut u);
+                op.unwinder = Some(u);
             }
             if op.records.is_none() && op.module.is_some() {
                 op.records = Some(k.ftrace_records()?);
             }
             let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
+            if p.in_transition().is_some() {
+                return Ok(if op.force_now { p.force_transition(k, w, u)? } else { p.advance(k, w, u)? });
+            }
             Ok(match (&op.module, op.verb.as_str()) {
                 (Some(m), _) => p.apply(k, w, u, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, m, op.opts)?,
-                (None, "disable") => p.set_enabled(k, w, u, &op.target, false, op.opts.force)?,
-                (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force)?,
+                (None, "disable") => p.set_enabled(k, w, u, &op.target, false, op.opts.force, op.opts.per_task)?,
+                (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force, op.opts.per_task)?,
             })
         });
         let stopped_for = stopped.elapsed();
@@ -152,6 +161,7 @@ impl GuestApi {
         match outcome {
             Err(e) => Some(Err(format!("{e:#}"))),
             Ok(Outcome::Switched { sites, forced }) => {
+                let forced = forced || op.force_now;
                 if forced {
                     eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
                 }
@@ -160,6 +170,12 @@ impl GuestApi {
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6,
                 })))
+            }
+            Ok(Outcome::InTransition { remaining, blockers }) => {
+                op.blockers = blockers;
+                op.remaining = Some(remaining);
+                self.pending = Some(op);
+                None
             }
             Ok(Outcome::Blocked(blockers)) => {
                 if op.start.elapsed() >= op.timeout {
@@ -176,6 +192,11 @@ impl GuestApi {
     fn pending_view(&self) -> Value {
         match &self.pending {
             None => Value::Null,
+            Some(op) if op.remaining.is_some() => json!({
+                "verb": op.verb, "patch": op.target, "state": "per-task transition",
+                "tasks_remaining": op.remaining, "attempts": op.attempts,
+                "elapsed_secs": op.start.elapsed().as_secs_f64(), "blockers": op.blockers,
+            }),
             Some(op) => json!({
                 "verb": op.verb, "patch": op.target, "state": "waiting for a safe point",
                 "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
@@ -199,6 +220,15 @@ impl GuestApi {
                 self.patcher.remove(&LiveWriter(paused.memory()), &name)?;
                 drop(paused);
                 Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
+            }
+            "force" => {
+                let p = self.pending.as_mut().ok_or_else(|| anyhow!("no transition is running"))?;
+                p.force_now = true;
+                eprintln!("hyperpatch: {} {}: forcing the transition (unsafe)", p.verb, p.target);
+                match self.attempt(vm) {
+                    Some(r) => r.map_err(|e| anyhow!(e)),
+                    None => Ok(self.pending_view()),
+                }
             }
             "apply" | "disable" | "enable" => {
                 if let Some(p) = &self.pending {
@@ -227,6 +257,7 @@ impl GuestApi {
                         replace: req.get("replace").and_then(Value::as_bool),
                         force,
                         skip_callbacks: req.get("skip_callbacks").and_then(Value::as_bool).unwrap_or(false),
+                        per_task: req.get("per_task").and_then(Value::as_bool).unwrap_or(true),
                     },
                     start: Instant::now(),
                     timeout,
@@ -234,6 +265,8 @@ impl GuestApi {
                     blockers: Vec::new(),
                     unwinder: None,
                     records: None,
+                    remaining: None,
+                    force_now: false,
                 });
                 // Read what does not change while the guest runs in a first,
                 // separate stop, so the switching stops stay short.
@@ -241,8 +274,10 @@ impl GuestApi {
                     let paused = vm.pause()?;
                     let op = self.pending.take();
                     let mut op = op.ok_or_else(|| anyhow!("pending"))?;
-                    let prep = self.with_kernel(&paused, |_, k, _| {
-                        op.unwinder = Some(k.unwinder(&k.modules()?)?);
+                    let prep = self.with_kernel(&paused, |p, k, _| {
+                        let mut u = k.unwinder(&k.modules()?)?;
+                        p.register_orc(&mut u);
+                        op.unwinder = Some(u);
                         if op.module.is_some() {
                             op.records = Some(k.ftrace_records()?);
                         }
@@ -325,7 +360,13 @@ impl ApiExtension for GuestApi {
             self.finished = Some(Finished { verb, target, result });
             return None;
         }
-        Some(RETRY_DELAY)
+        // A per-task transition checks tasks every 50 ms (Linux: every second);
+        // a global safe point is retried every 5 ms.
+        if self.pending.as_ref().is_some_and(|p| p.remaining.is_some()) {
+            Some(Duration::from_millis(50))
+        } else {
+            Some(RETRY_DELAY)
+        }
     }
 
     fn handle(&mut self, vm: &Vm, verb: &str, req: &Value) -> Option<std::result::Result<Value, String>> {

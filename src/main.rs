@@ -412,14 +412,20 @@ fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exit
     let mut r = call(api_sock, req)?;
     // A transition waiting for a safe point goes on in the VMM: follow it.
     let mut shown = String::new();
-    while r.get("state").and_then(Value::as_str) == Some("waiting for a safe point") {
+    while matches!(r.get("state").and_then(Value::as_str), Some("waiting for a safe point") | Some("per-task transition")) {
         let blockers: Vec<String> = r["blockers"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|b| format!("pid {} ({}) in {} at {}", b["pid"], b["comm"].as_str().unwrap_or("?"), b["function"].as_str().unwrap_or("?"), b["frame"].as_str().unwrap_or("?")))
             .collect();
-        let line = format!("waiting for a safe point ({:.1} s): {}", r["elapsed_secs"].as_f64().unwrap_or(0.0), blockers.join("; "));
+        let line = format!(
+            "{} ({:.1} s{}): {}",
+            r["state"].as_str().unwrap_or("waiting"),
+            r["elapsed_secs"].as_f64().unwrap_or(0.0),
+            r["tasks_remaining"].as_u64().map(|n| format!(", {n} tasks left")).unwrap_or_default(),
+            blockers.join("; ")
+        );
         if line != shown && !as_json {
             eprintln!("{line}");
             shown = line;

@@ -262,7 +262,7 @@ fn a_task_sleeping_in_a_changed_function_holds_the_switch_until_it_leaves() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
     // The apply waits: the API says which task and frame hold it.
-    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "timeout_secs": 120}));
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "timeout_secs": 120, "per_task": false}));
     assert_eq!(r["state"], json!("waiting for a safe point"), "{r}");
     assert_eq!(r["blockers"][0]["pid"].as_i64(), Some(sleeper), "{r}");
     assert!(r["blockers"][0]["frame"].as_str().unwrap().starts_with("hp_sleep_wait"), "{r}");
@@ -291,7 +291,7 @@ fn a_task_sleeping_in_a_changed_function_holds_the_switch_until_it_leaves() {
     g.api_ok(json!({"verb": "remove", "name": "hp_patch_sleep"}));
     g.send("cat /proc/hp_sleep &\n");
     std::thread::sleep(std::time::Duration::from_secs(5));
-    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "force": true}));
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "force": true, "per_task": false}));
     assert_eq!(r["state"], json!("done"), "{r}");
     assert_eq!(r["forced"], json!(true), "{r}");
     let l = g.api_ok(json!({"verb": "list"}));

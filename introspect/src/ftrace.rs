@@ -166,7 +166,21 @@ impl Kernel<'_> {
 
     /// The call site of function `name` (`sympos` as livepatch counts it).
     pub fn call_site(&self, name: &str, sympos: u32, records: &FtraceRecords) -> Result<CallSite> {
-        let func_addr = self.syms.address_of(name, sympos)?;
+        let func_addr = match self.syms.address_of(name, sympos) {
+            Ok(a) => a,
+            Err(IntrospectError::NoSymbol(n)) => {
+                // A module function?
+                let mut hit = None;
+                for m in self.modules()? {
+                    if let Some(s) = self.module_symbols(&m)?.into_iter().find(|s| s.name == name && matches!(s.kind, 't' | 'T')) {
+                        hit = Some(s.addr);
+                        break;
+                    }
+                }
+                hit.ok_or(IntrospectError::NoSymbol(n))?
+            }
+            Err(e) => return Err(e),
+        };
         let head = self.mem.read_bytes(func_addr, 9)?;
         let site = if head.get(..4) == Some(&ENDBR64[..]) { func_addr + 4 } else { func_addr };
         let mut bytes = [0u8; 5];

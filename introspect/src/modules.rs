@@ -1,6 +1,8 @@
 //! Loaded modules: the `modules` list, each module's text range, its
 //! /proc/modules line and its own symbols (from `mod->kallsyms`).
 
+use std::collections::HashSet;
+
 use crate::error::{IntrospectError, Result};
 use crate::kernel::Kernel;
 use crate::tasks::walk_list;
@@ -109,8 +111,168 @@ impl Kernel<'_> {
         Ok(Module { addr, name, state, core_base, core_size, core_text_size, init_size, refcount, taints })
     }
 
-    /// The symbols of `module` as /proc/kallsyms lists them (`mod->kallsyms`).
+    /// The defined symbols of `module` (`mod->kallsyms`, undefined ones
+    /// left out), typed as /proc/kallsyms types them.
     pub fn module_symbols(&self, module: &Module) -> Result<Vec<ModuleSymbol>> {
+        Ok(self
+            .module_symtab(module)?
+            .into_iter()
+            .filter(|s| s.shndx != SHN_UNDEF && !s.sym.name.starts_with("$x"))
+            .map(|s| s.sym)
+            .collect())
+    }
+
+    /// Every line /proc/kallsyms prints for `module`, in its order: each
+    /// named `mod->kallsyms` entry, the undefined ones (a livepatch module
+    /// keeps them, type `u`) included.
+    pub fn module_kallsyms(&self, module: &Module) -> Result<Vec<ModuleSymbol>> {
+        Ok(self.module_symtab(module)?.into_iter().map(|s| s.sym).collect())
+    }
+
+    /// The kernel's `module_address_lookup()` (`find_kallsyms_symbol`):
+    /// the module symbol an address inside a module resolves to, as `%pS`
+    /// prints it. The first of several symbols at the same address wins;
+    /// the size runs to the next symbol or the end of the module's text.
+    pub fn module_address_lookup(&self, addr: u64) -> Result<Option<ModuleAddress>> {
+        for m in self.modules()? {
+            let in_core = addr >= m.core_base && addr - m.core_base < m.core_size;
+            let init_base = self.read_ptr(m.addr, self.off("module", "init_layout.base")?)?;
+            let in_init = init_base != 0 && addr >= init_base && addr - init_base < m.init_size;
+            if !in_core && !in_init {
+                continue;
+            }
+            let text_end = if in_init {
+                let text = self.mem.read_u32(
+                    m.addr.checked_add(self.off("module", "init_layout.text_size")?).ok_or(IntrospectError::Overflow(m.addr))?,
+                )?;
+                init_base.saturating_add(u64::from(text))
+            } else {
+                m.core_base.saturating_add(m.core_text_size)
+            };
+            let syms = self.module_symtab(&m)?;
+            let mut best: Option<&RawModuleSymbol> = None;
+            let mut next = text_end;
+            for s in syms.iter().filter(|s| s.shndx != SHN_UNDEF && !is_mapping_symbol(&s.sym.name)) {
+                let v = s.sym.addr;
+                if v <= addr && best.is_none_or(|b| v > b.sym.addr) {
+                    best = Some(s);
+                }
+                if v > addr && v < next {
+                    next = v;
+                }
+            }
+            return Ok(best.map(|b| ModuleAddress {
+                module: m.name.clone(),
+                name: b.sym.name.clone(),
+                addr: b.sym.addr,
+                offset: addr - b.sym.addr,
+                size: next.wrapping_sub(b.sym.addr),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Every line /proc/kallsyms prints after vmlinux's own symbols, in its
+    /// order: each module's [`Kernel::module_kallsyms`], then
+    /// [`Kernel::ftrace_kallsyms`]. (BPF JIT images and kprobe insn pages
+    /// would follow; this kernel has neither.)
+    pub fn extra_kallsyms(&self) -> Result<Vec<ModuleSymbol>> {
+        let mut out = Vec::new();
+        for m in self.modules()? {
+            out.extend(self.module_kallsyms(&m)?);
+        }
+        out.extend(self.ftrace_kallsyms()?);
+        Ok(out)
+    }
+
+    /// What ftrace adds to /proc/kallsyms (`ftrace_mod_get_kallsym`): the
+    /// traced functions of freed module init sections (`ftrace_mod_maps`),
+    /// then one `ftrace_trampoline [__builtin__ftrace]` per ftrace_ops with
+    /// an allocated trampoline (`ftrace_ops_trampoline_list`).
+    pub fn ftrace_kallsyms(&self) -> Result<Vec<ModuleSymbol>> {
+        let mut out = Vec::new();
+        if let Ok(head) = self.sym("ftrace_mod_maps") {
+            let maps = walk_list(&self.mem, head, self.off("ftrace_mod_map", "list")?, MAX_MODULES, "ftrace_mod_maps")?;
+            for map in maps {
+                let at = |o: u64| map.checked_add(o).ok_or(IntrospectError::Overflow(map));
+                let num = self.mem.read_u32(at(self.off("ftrace_mod_map", "num_funcs")?)?)?;
+                let module = self.read_ptr(map, self.off("ftrace_mod_map", "mod")?)?;
+                let mod_name =
+                    self.mem.read_cstr(module.checked_add(self.off("module", "name")?).ok_or(IntrospectError::Overflow(module))?, MODULE_NAME_LEN)?;
+                let funcs = walk_list(
+                    &self.mem,
+                    at(self.off("ftrace_mod_map", "funcs")?)?,
+                    self.off("ftrace_mod_func", "list")?,
+                    MAX_MODULE_SYMS as usize,
+                    "ftrace_mod_func list",
+                )?;
+                // The kernel (6.1) shows entry k (0-based) as funcs[max(k-1, 0)]:
+                // `if (symnum > 1) symnum--` in ftrace_mod_get_kallsym. Mirror it.
+                for k in 0..num as usize {
+                    let Some(&f) = funcs.get(k.saturating_sub(1)) else { break };
+                    let name = self.mem.read_cstr(self.read_ptr(f, self.off("ftrace_mod_func", "name")?)?, 512)?;
+                    let addr = self.read_ptr(f, self.off("ftrace_mod_func", "ip")?)?;
+                    let size = u64::from(self.mem.read_u32(f.checked_add(self.off("ftrace_mod_func", "size")?).ok_or(IntrospectError::Overflow(f))?)?);
+                    out.push(ModuleSymbol { module: mod_name.clone(), name, addr, size, kind: 'T' });
+                }
+            }
+        }
+        if let Ok(head) = self.sym("ftrace_ops_trampoline_list") {
+            for ops in walk_list(&self.mem, head, self.off("ftrace_ops", "list")?, MAX_MODULES, "ftrace_ops_trampoline_list")? {
+                let addr = self.read_ptr(ops, self.off("ftrace_ops", "trampoline")?)?;
+                if addr == 0 {
+                    continue;
+                }
+                let size = self.read_ptr(ops, self.off("ftrace_ops", "trampoline_size")?)?;
+                out.push(ModuleSymbol {
+                    module: "__builtin__ftrace".into(),
+                    name: "ftrace_trampoline".into(),
+                    addr,
+                    size,
+                    kind: 't',
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Names and values of the symbols `module` exports (`mod->syms`, the
+    /// kernel's `is_exported()` looks only there).
+    fn module_exports(&self, module: &Module) -> Result<HashSet<(String, u64)>> {
+        let at = |o: u64| module.addr.checked_add(o).ok_or(IntrospectError::Overflow(module.addr));
+        let syms = self.read_ptr(module.addr, self.off("module", "syms")?)?;
+        let num = self.mem.read_u32(at(self.off("module", "num_syms")?)?)?;
+        let mut out = HashSet::new();
+        if syms == 0 || num == 0 {
+            return Ok(out);
+        }
+        if num > MAX_MODULE_SYMS {
+            return Err(IntrospectError::Corrupt(format!("module {} claims {num} exports", module.name)));
+        }
+        let size = self.btf.struct_size("kernel_symbol")?;
+        let value_off = self.off("kernel_symbol", "value_offset")?;
+        let name_off = self.off("kernel_symbol", "name_offset")?;
+        let table = self.mem.read_bytes(syms, usize::try_from(u64::from(num) * size).map_err(|_| IntrospectError::Overflow(syms))?)?;
+        // CONFIG_HAVE_ARCH_PREL32_RELOCATIONS: each field is an offset from
+        // its own address.
+        let prel32 = |i: u64, off: u64| -> Option<u64> {
+            let pos = usize::try_from(i * size + off).ok()?;
+            let raw = i32::from_le_bytes(table.get(pos..pos + 4)?.try_into().ok()?);
+            Some(syms.checked_add(i * size + off)?.wrapping_add(raw as i64 as u64))
+        };
+        for i in 0..u64::from(num) {
+            let (Some(value), Some(name)) = (prel32(i, value_off), prel32(i, name_off)) else { continue };
+            if let Ok(n) = self.mem.read_cstr(name, 512) {
+                out.insert((n, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every named entry of `mod->kallsyms` with its section index, typed
+    /// as /proc/kallsyms prints it: upper case when the module exports the
+    /// symbol, lower case otherwise.
+    fn module_symtab(&self, module: &Module) -> Result<Vec<RawModuleSymbol>> {
         let ks = self.read_ptr(module.addr, self.off("module", "kallsyms")?)?;
         if ks == 0 {
             return Ok(Vec::new());
@@ -124,27 +286,61 @@ impl Kernel<'_> {
         }
         let table = self.mem.read_bytes(symtab, (u64::from(num) * ELF64_SYM_SIZE) as usize)?;
         let types = self.mem.read_bytes(typetab, num as usize)?;
+        let exports = self.module_exports(module)?;
         let mut out = Vec::new();
         for i in 0..num as usize {
             let e = table.get(i * 24..i * 24 + 24).ok_or_else(|| IntrospectError::Corrupt("symtab".into()))?;
             let st_name = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let st_shndx = u16::from_le_bytes([e[6], e[7]]);
+            let shndx = u16::from_le_bytes([e[6], e[7]]);
             let mut v = [0u8; 8];
             v.copy_from_slice(&e[8..16]);
             let value = u64::from_le_bytes(v);
             v.copy_from_slice(&e[16..24]);
             let size = u64::from_le_bytes(v);
-            let kind = types.get(i).copied().unwrap_or(b'?') as char;
-            // Index 0 is the null symbol; undefined ones are not listed.
-            if i == 0 || st_shndx == 0 || st_name == 0 {
+            let raw_kind = types.get(i).copied().unwrap_or(b'?') as char;
+            // Index 0 is the null symbol; /proc/kallsyms skips empty names.
+            if i == 0 || st_name == 0 {
                 continue;
             }
             let name = self.mem.read_cstr(strtab.checked_add(u64::from(st_name)).ok_or(IntrospectError::Overflow(strtab))?, 512)?;
-            if name.is_empty() || name.starts_with("$x") || kind == 'U' {
+            if name.is_empty() {
                 continue;
             }
-            out.push(ModuleSymbol { module: module.name.clone(), name, addr: value, size, kind });
+            let kind = if exports.contains(&(name.clone(), value)) {
+                raw_kind.to_ascii_uppercase()
+            } else {
+                raw_kind.to_ascii_lowercase()
+            };
+            out.push(RawModuleSymbol { shndx, sym: ModuleSymbol { module: module.name.clone(), name, addr: value, size, kind } });
         }
         Ok(out)
     }
+}
+
+/// A `mod->kallsyms` entry with its ELF section index.
+struct RawModuleSymbol {
+    shndx: u16,
+    sym: ModuleSymbol,
+}
+
+const SHN_UNDEF: u16 = 0;
+
+/// The kernel's `is_arm_mapping_symbol()`: `.L*` and `$a`/`$x`/`$t`/`$d`
+/// (optionally followed by `.`), which address lookups skip.
+fn is_mapping_symbol(name: &str) -> bool {
+    let b = name.as_bytes();
+    name.starts_with(".L")
+        || (b.first() == Some(&b'$') && matches!(b.get(1), Some(b'a' | b'd' | b't' | b'x')) && matches!(b.get(2), None | Some(b'.')))
+}
+
+/// An address inside a module, resolved like the kernel's `%pS`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleAddress {
+    pub module: String,
+    pub name: String,
+    /// Start of the symbol.
+    pub addr: u64,
+    pub offset: u64,
+    /// To the next symbol, or to the end of the module's text.
+    pub size: u64,
 }

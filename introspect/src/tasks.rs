@@ -21,6 +21,10 @@ pub struct Task {
     pub pid: i32,
     pub tgid: i32,
     pub comm: String,
+    /// The name /proc/PID/comm shows (`proc_task_name()`): a kernel
+    /// thread's full name when `comm` truncated it, a workqueue worker's
+    /// `comm` plus `-desc` (`+desc` while it runs a work item).
+    pub proc_comm: String,
     /// State letter as /proc shows it (R, S, D, T, t, X, Z, P, I).
     pub state: char,
     /// CPU it last ran on.
@@ -49,7 +53,28 @@ pub struct TaskLayout {
     pub signal: u64,
     pub thread_node: u64,
     pub signal_thread_head: u64,
+    /// For /proc's name of kernel threads (None when BTF lacks them).
+    pub kthread_names: Option<KthreadNameLayout>,
 }
+
+/// Offsets `proc_task_name()` needs: `task->worker_private` is the
+/// `struct kthread` of a kernel thread, whose `data` is the `struct worker`
+/// of a workqueue worker.
+#[derive(Clone, Copy, Debug)]
+pub struct KthreadNameLayout {
+    pub worker_private: u64,
+    pub kthread_data: u64,
+    pub kthread_full_name: u64,
+    pub worker_current_work: u64,
+    pub worker_pool: u64,
+    pub worker_desc: u64,
+    pub worker_desc_len: u64,
+}
+
+const PF_WQ_WORKER: u32 = 0x0000_0020;
+const PF_KTHREAD: u32 = 0x0020_0000;
+/// proc_task_name()'s buffer, NUL included.
+const PROC_COMM_LEN: usize = 64;
 
 impl TaskLayout {
     pub fn from_btf(k: &Kernel<'_>) -> Result<TaskLayout> {
@@ -69,6 +94,18 @@ impl TaskLayout {
             signal: k.off("task_struct", "signal")?,
             thread_node: k.off("task_struct", "thread_node")?,
             signal_thread_head: k.off("signal_struct", "thread_head")?,
+            kthread_names: (|| -> Result<KthreadNameLayout> {
+                Ok(KthreadNameLayout {
+                    worker_private: k.off("task_struct", "worker_private")?,
+                    kthread_data: k.off("kthread", "data")?,
+                    kthread_full_name: k.off("kthread", "full_name")?,
+                    worker_current_work: k.off("worker", "current_work")?,
+                    worker_pool: k.off("worker", "pool")?,
+                    worker_desc: k.off("worker", "desc")?,
+                    worker_desc_len: k.btf.member("worker", "desc")?.size,
+                })
+            })()
+            .ok(),
         })
     }
 }
@@ -115,17 +152,66 @@ impl Kernel<'_> {
         let comm = String::from_utf8_lossy(comm_raw.get(..end).unwrap_or(&[])).into_owned();
         let state = self.mem.read_u32(at(l.state)?)?;
         let exit_state = self.mem.read_u32(at(l.exit_state)?)?;
+        let flags = self.mem.read_u32(at(l.flags)?)?;
+        let proc_comm = match l.kthread_names {
+            Some(n) if flags & (PF_KTHREAD | PF_WQ_WORKER) != 0 => self.proc_task_name(&n, addr, flags, &comm),
+            _ => comm.clone(),
+        };
         Ok(Task {
             addr,
             pid: self.mem.read_i32(at(l.pid)?)?,
             tgid: self.mem.read_i32(at(l.tgid)?)?,
             comm,
+            proc_comm,
             state: state_letter(state, exit_state),
             cpu: self.mem.read_u32(at(l.cpu)?)?,
             running_on: None,
             stack: self.mem.read_u64(at(l.stack)?)?,
             thread_sp: self.mem.read_u64(at(l.thread_sp)?)?,
         })
+    }
+
+    /// `proc_task_name()` for a kernel thread; `comm` when its kthread or
+    /// worker cannot be read.
+    fn proc_task_name(&self, n: &KthreadNameLayout, task: u64, flags: u32, comm: &str) -> String {
+        let clip = |s: String| -> String {
+            let mut s = s;
+            while s.len() > PROC_COMM_LEN - 1 {
+                s.pop();
+            }
+            s
+        };
+        let kthread = match task.checked_add(n.worker_private).and_then(|a| self.mem.read_u64(a).ok()) {
+            Some(k) if k != 0 => k,
+            _ => return comm.to_string(),
+        };
+        let field = |base: u64, off: u64| base.checked_add(off).and_then(|a| self.mem.read_u64(a).ok());
+        if flags & PF_WQ_WORKER != 0 {
+            // wq_worker_comm(): always the real comm, then the worker's
+            // description of its latest work if it has a pool.
+            let Some(worker) = field(kthread, n.kthread_data).filter(|w| *w != 0) else { return comm.to_string() };
+            if field(worker, n.worker_pool).unwrap_or(0) == 0 {
+                return comm.to_string();
+            }
+            let desc = worker
+                .checked_add(n.worker_desc)
+                .and_then(|a| self.mem.read_bytes(a, n.worker_desc_len.min(64) as usize).ok())
+                .map(|raw| {
+                    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+                    String::from_utf8_lossy(raw.get(..end).unwrap_or(&[])).into_owned()
+                })
+                .unwrap_or_default();
+            if desc.is_empty() {
+                return comm.to_string();
+            }
+            let running = field(worker, n.worker_current_work).unwrap_or(0) != 0;
+            return clip(format!("{comm}{}{desc}", if running { '+' } else { '-' }));
+        }
+        // get_kthread_comm(): the full name when set_task_comm truncated it.
+        match field(kthread, n.kthread_full_name).filter(|p| *p != 0) {
+            Some(p) => self.mem.read_cstr(p, PROC_COMM_LEN - 1).map(clip).unwrap_or_else(|_| comm.to_string()),
+            None => comm.to_string(),
+        }
     }
 
     /// Every thread (idle tasks of other CPUs included when running), in

@@ -15,7 +15,7 @@ use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
 use crate::link::{link, LinkedModule, SymbolResolver};
 use crate::module::{PatchModule, StateSpec};
-use crate::placement::Region;
+use crate::placement::{Allocation, AreaKind, Region};
 
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 const FTRACE_FL_DISABLED: u64 = 1 << 25;
@@ -29,6 +29,9 @@ pub struct ApplyOptions {
     pub force: bool,
     /// Apply a module whose objects have callbacks without running them.
     pub skip_callbacks: bool,
+    /// When a changed function is on some stack, switch task by task through
+    /// dispatch stubs instead of waiting for a global safe point.
+    pub per_task: bool,
 }
 
 /// One function a patch changes, resolved in the guest.
@@ -100,6 +103,55 @@ pub enum Outcome {
     Switched { sites: usize, forced: bool },
     /// Not safe now; nothing was changed.
     Blocked(Vec<Blocker>),
+    /// A per-task transition runs: migrated tasks use the target code,
+    /// the others the old code, until every task is migrated.
+    InTransition { remaining: usize, blockers: Vec<Blocker> },
+}
+
+/// KLP_PATCHED in `task_struct.patch_state`: the mark of a migrated task.
+const TASK_MIGRATED: i32 = 1;
+/// KLP_UNDEFINED: the value every task has outside livepatch transitions.
+const TASK_UNDEFINED: i32 = -1;
+const STUB_SIZE: u64 = 32;
+
+/// The dispatch stub of one site: migrated tasks (`current->patch_state ==
+/// 1`) go to `new`, the others to `old`. Clobbers only r11 and flags, which
+/// are free at a function's entry.
+pub fn dispatch_stub(at: u64, current_task: u64, patch_state_off: u64, new: u64, old: u64) -> Result<Vec<u8>> {
+    let bad = |d: &str| PatchError::State(format!("dispatch stub: {d}"));
+    let disp = i32::try_from(current_task as i64).map_err(|_| bad("current_task offset does not fit disp32"))?;
+    let ps = i32::try_from(patch_state_off).map_err(|_| bad("patch_state offset"))?;
+    let mut b = Vec::with_capacity(STUB_SIZE as usize);
+    b.extend_from_slice(&[0x65, 0x4c, 0x8b, 0x1c, 0x25]); // mov r11, gs:[current_task]
+    b.extend_from_slice(&disp.to_le_bytes());
+    b.extend_from_slice(&[0x41, 0x81, 0xbb]); // cmp dword [r11 + patch_state], 1
+    b.extend_from_slice(&ps.to_le_bytes());
+    b.extend_from_slice(&TASK_MIGRATED.to_le_bytes());
+    let je_end = at + b.len() as u64 + 6;
+    let rel = i32::try_from(i128::from(new) - i128::from(je_end)).map_err(|_| bad("new target out of reach"))?;
+    b.extend_from_slice(&[0x0f, 0x84]);
+    b.extend_from_slice(&rel.to_le_bytes());
+    let jmp_end = at + b.len() as u64 + 5;
+    let rel = i32::try_from(i128::from(old) - i128::from(jmp_end)).map_err(|_| bad("old target out of reach"))?;
+    b.push(0xe9);
+    b.extend_from_slice(&rel.to_le_bytes());
+    Ok(b)
+}
+
+/// A per-task transition in progress.
+#[derive(Clone, Debug)]
+struct TaskTransition {
+    patch: String,
+    /// Site targets once every task is migrated.
+    desired: BTreeMap<u64, Option<u64>>,
+    /// Code that unmigrated tasks may still run (must leave their stacks).
+    old_ranges: Vec<(String, u64, u64)>,
+    /// (site, stub allocation, site bytes before the transition).
+    stubs: Vec<(u64, Allocation, [u8; 5])>,
+    /// Set `enabled` to this when it completes (disable/enable).
+    enable_to: Option<bool>,
+    /// The transitioning patch replaces all others when it completes.
+    replace: bool,
 }
 
 /// All patch state of one guest.
@@ -111,6 +163,7 @@ pub struct Patcher {
     patches: Vec<Patch>,
     sites: BTreeMap<u64, SiteState>,
     next_id: u64,
+    transition: Option<TaskTransition>,
 }
 
 /// Resolves symbols through guest kallsyms and module symbols.
@@ -201,7 +254,15 @@ fn jmp_bytes(site: u64, target: u64) -> Result<[u8; 5]> {
 impl Patcher {
     /// A patcher for a guest whose reserved region is `[phys, phys + size)`.
     pub fn new(reserved_phys: u64, reserved_size: u64) -> Patcher {
-        Patcher { reserved_phys, reserved_size, region: None, patches: Vec::new(), sites: BTreeMap::new(), next_id: 1 }
+        Patcher {
+            reserved_phys,
+            reserved_size,
+            region: None,
+            patches: Vec::new(),
+            sites: BTreeMap::new(),
+            next_id: 1,
+            transition: None,
+        }
     }
 
     /// Patches in stack order (oldest first).
@@ -212,6 +273,16 @@ impl Patcher {
     /// Sites hyperpatch owns.
     pub fn sites(&self) -> impl Iterator<Item = &SiteState> {
         self.sites.values()
+    }
+
+    /// Adds the ORC tables of every placed patch to `u`, so stacks through
+    /// new code unwind reliably.
+    pub fn register_orc(&self, u: &mut Unwinder) {
+        for p in &self.patches {
+            if let Some((start, end, ips, entries)) = &p.linked.orc {
+                let _ = u.tables.add_host_table(*start, *end, ips.clone(), entries.clone());
+            }
+        }
     }
 
     /// Bytes of the reserved region in use.
@@ -266,9 +337,18 @@ impl Patcher {
     /// Every task whose stack (or vCPU) is inside one of `ranges`.
     pub fn blockers(k: &Kernel<'_>, u: &Unwinder, ranges: &[(String, u64, u64)]) -> Result<Vec<Blocker>> {
         let tasks = k.tasks()?;
+        Self::blockers_of(k, u, ranges, &tasks)
+    }
+
+    fn blockers_of(
+        k: &Kernel<'_>,
+        u: &Unwinder,
+        ranges: &[(String, u64, u64)],
+        tasks: &[introspect::tasks::Task],
+    ) -> Result<Vec<Blocker>> {
         let mut out = Vec::new();
         let modules = std::cell::OnceCell::new();
-        for t in &tasks {
+        for t in tasks {
             let st = k.unwind_task(u, t);
             if !st.reliable {
                 out.push(Blocker {
@@ -485,8 +565,12 @@ impl Patcher {
             }
         }
         let blockers = Self::blockers(k, u, &ranges)?;
-        if !blockers.is_empty() && !opts.force {
+        let per_task = !blockers.is_empty() && !opts.force && opts.per_task;
+        if !blockers.is_empty() && !opts.force && !per_task {
             return Ok(Outcome::Blocked(blockers));
+        }
+        if self.transition.is_some() {
+            return Err(PatchError::State("a per-task transition is still running".into()));
         }
         // Place and link.
         let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
@@ -572,13 +656,18 @@ impl Patcher {
                 }
             }
         }
-        match self.switch_sites(k, w, &desired) {
-            Ok(n) => {
+        let switched = if per_task {
+            self.start_task_transition(k, w, u, &m.name, desired, ranges, None, replace)
+        } else {
+            self.switch_sites(k, w, &desired).map(|n| Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+        };
+        match switched {
+            Ok(outcome) => {
                 self.next_id += 1;
-                if replace {
+                if replace && matches!(outcome, Outcome::Switched { .. }) && !per_task {
                     self.drop_replaced(w)?;
                 }
-                Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+                Ok(outcome)
             }
             Err(e) => {
                 self.patches.pop();
@@ -590,6 +679,144 @@ impl Patcher {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// The patch in a per-task transition, if any.
+    pub fn in_transition(&self) -> Option<&str> {
+        self.transition.as_ref().map(|t| t.patch.as_str())
+    }
+
+    /// Starts a per-task transition toward `desired`: every changed site
+    /// jumps to a dispatch stub; tasks already safe are migrated at once.
+    #[allow(clippy::too_many_arguments)]
+    fn start_task_transition(
+        &mut self,
+        k: &Kernel<'_>,
+        w: &dyn GuestWriter,
+        u: &Unwinder,
+        patch: &str,
+        desired: BTreeMap<u64, Option<u64>>,
+        old_ranges: Vec<(String, u64, u64)>,
+        enable_to: Option<bool>,
+        replace: bool,
+    ) -> Result<Outcome> {
+        let ps_off = k.off("task_struct", "patch_state")?;
+        let current = k.sym("current_task").or_else(|_| k.sym("pcpu_hot"))?;
+        // The guest's own livepatch must not be in a transition (it owns patch_state then).
+        if k.sym("klp_transition_patch").and_then(|a| k.mem.read_u64(a)).unwrap_or(0) != 0 {
+            return Err(PatchError::State("the guest's own livepatch is in a transition; try again later".into()));
+        }
+        for t in k.tasks()? {
+            let v = k.mem.read_i32(t.addr + ps_off)?;
+            if v != TASK_UNDEFINED {
+                return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
+            }
+        }
+        let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
+        let mut stubs: Vec<(u64, Allocation, [u8; 5])> = Vec::new();
+        let mut plan: Vec<(u64, Vec<u8>, bool)> = Vec::new(); // (addr, bytes, physical?)
+        for (site, target) in &desired {
+            let Some(st) = self.sites.get(site) else { continue };
+            if st.active == *target {
+                continue;
+            }
+            let body = site + 5; // the original function after its NOP
+            let new = target.unwrap_or(body);
+            let old = st.active.unwrap_or(body);
+            let a = region.alloc(AreaKind::Text, STUB_SIZE, 32)?;
+            let code = dispatch_stub(a.virt, current, ps_off, new, old)?;
+            let mut before = [0u8; 5];
+            k.mem.read_virt(*site, &mut before)?;
+            plan.push((a.phys, code, true));
+            plan.push((*site, jmp_bytes(*site, a.virt)?.to_vec(), false));
+            // The site is no longer the NOP: the guest's ftrace must leave it alone.
+            if let (None, Some((addr, _))) = (st.active, st.record) {
+                let cur = k.mem.read_u64(addr)?;
+                if cur & (introspect::ftrace::FTRACE_FL_ENABLED | introspect::ftrace::FTRACE_REF_MASK) != 0 {
+                    return Err(PatchError::Site { name: st.function.clone(), site: *site, detail: format!("the guest's ftrace uses this site (flags {cur:#x})") });
+                }
+                plan.push((k.mem.translate(addr)?, (cur | FTRACE_FL_DISABLED).to_le_bytes().to_vec(), true));
+            }
+            stubs.push((*site, a, before));
+        }
+        for (addr, bytes, phys) in &plan {
+            if *phys {
+                w.write_phys(*addr, bytes)?;
+            }
+        }
+        for (addr, bytes, phys) in &plan {
+            if !*phys {
+                write_virt(k, w, *addr, bytes)?;
+            }
+        }
+        self.transition = Some(TaskTransition { patch: patch.to_string(), desired, old_ranges, stubs, enable_to, replace });
+        self.advance(k, w, u)
+    }
+
+    /// One step of the per-task transition (all vCPUs stopped): migrates
+    /// every task now safe, and completes the transition when none is left.
+    pub fn advance(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
+        let Some(tr) = self.transition.clone() else {
+            return Ok(Outcome::Switched { sites: 0, forced: false });
+        };
+        let ps_off = k.off("task_struct", "patch_state")?;
+        let tasks = k.tasks()?;
+        let mut blockers = Vec::new();
+        let mut remaining = 0;
+        for t in &tasks {
+            let addr = t.addr + ps_off;
+            if k.mem.read_i32(addr)? == TASK_MIGRATED {
+                continue;
+            }
+            let b = Self::blockers_of(k, u, &tr.old_ranges, std::slice::from_ref(t))?;
+            if b.is_empty() {
+                w.write_phys(k.mem.translate(addr)?, &TASK_MIGRATED.to_le_bytes())?;
+            } else {
+                remaining += 1;
+                blockers.extend(b);
+            }
+        }
+        if remaining > 0 {
+            return Ok(Outcome::InTransition { remaining, blockers });
+        }
+        // Every task runs the target code: direct jumps, stubs gone, marks cleared.
+        for (site, _, before) in &tr.stubs {
+            write_virt(k, w, *site, before)?;
+        }
+        let n = self.switch_sites(k, w, &tr.desired)?;
+        for (_, a, _) in &tr.stubs {
+            w.write_phys(a.phys, &[0u8; STUB_SIZE as usize])?;
+        }
+        if let Some(region) = self.region.as_mut() {
+            for (_, a, _) in &tr.stubs {
+                region.free(a);
+            }
+        }
+        for t in &tasks {
+            let addr = t.addr + ps_off;
+            w.write_phys(k.mem.translate(addr)?, &TASK_UNDEFINED.to_le_bytes())?;
+        }
+        if let Some(en) = tr.enable_to {
+            if let Some(p) = self.patches.iter_mut().find(|p| p.name == tr.patch) {
+                p.enabled = en;
+            }
+        }
+        self.transition = None;
+        if tr.replace {
+            self.drop_replaced(w)?;
+        }
+        Ok(Outcome::Switched { sites: n, forced: false })
+    }
+
+    /// Forces the running per-task transition to complete now (unsafe).
+    pub fn force_transition(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
+        if let Some(tr) = self.transition.as_mut() {
+            tr.old_ranges.clear();
+        }
+        match self.advance(k, w, u)? {
+            Outcome::Switched { sites, .. } => Ok(Outcome::Switched { sites, forced: true }),
+            other => Ok(other),
         }
     }
 
@@ -654,7 +881,17 @@ impl Patcher {
     }
 
     /// Enables or disables patch `name` at one safe point.
-    pub fn set_enabled(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder, name: &str, enabled: bool, force: bool) -> Result<Outcome> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_enabled(
+        &mut self,
+        k: &Kernel<'_>,
+        w: &dyn GuestWriter,
+        u: &Unwinder,
+        name: &str,
+        enabled: bool,
+        force: bool,
+        per_task: bool,
+    ) -> Result<Outcome> {
         let i = self.index(name)?;
         if self.patches[i].enabled == enabled {
             return Err(PatchError::State(format!("patch {name} is already {}", if enabled { "enabled" } else { "disabled" })));
@@ -672,8 +909,14 @@ impl Patcher {
                 }
             }
         }
+        if self.transition.is_some() {
+            return Err(PatchError::State("a per-task transition is still running".into()));
+        }
         let blockers = Self::blockers(k, u, &ranges)?;
         if !blockers.is_empty() && !force {
+            if per_task {
+                return self.start_task_transition(k, w, u, name, desired, ranges, Some(enabled), false);
+            }
             return Ok(Outcome::Blocked(blockers));
         }
         let n = self.switch_sites(k, w, &desired)?;

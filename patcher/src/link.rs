@@ -30,6 +30,9 @@ pub struct LinkedModule {
     pub section_base: HashMap<usize, u64>,
     /// (guest-physical address, bytes) to write.
     pub images: Vec<(u64, Vec<u8>)>,
+    /// The module's ORC table at its guest addresses, so tasks inside the
+    /// new code unwind reliably: (text start, text end, ips, entries).
+    pub orc: Option<(u64, u64, Vec<u64>, Vec<introspect::orc::OrcEntry>)>,
 }
 
 impl LinkedModule {
@@ -161,7 +164,43 @@ fn link_inner(
         .into_iter()
         .filter_map(|(i, bytes)| phys_base.get(&i).map(|p| (*p, bytes)))
         .collect();
-    Ok(LinkedModule { allocations: allocations.clone(), section_base, images })
+    let orc = orc_table(m, &section_base);
+    Ok(LinkedModule { allocations: allocations.clone(), section_base, images, orc })
+}
+
+/// The module's `.orc_unwind_ip`/`.orc_unwind` at the placed addresses;
+/// `None` when the module has none or they do not make sense.
+fn orc_table(
+    m: &PatchModule,
+    section_base: &HashMap<usize, u64>,
+) -> Option<(u64, u64, Vec<u64>, Vec<introspect::orc::OrcEntry>)> {
+    let ip_sec = m.sections.iter().position(|s| s.name == ".orc_unwind_ip")?;
+    let orc_sec = m.sections.iter().position(|s| s.name == ".orc_unwind")?;
+    let n = m.sections.get(ip_sec)?.data.len() / 4;
+    let raw = &m.sections.get(orc_sec)?.data;
+    if raw.len() != n * 6 || n == 0 {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = m.rela_at(ip_sec, (i * 4) as u64)?;
+        let sym = m.symbols.get(r.sym)?;
+        let base = section_base.get(&sym.section?)?;
+        let ip = (i128::from(*base) + i128::from(sym.value) + i128::from(r.addend)) as u64;
+        let b: [u8; 6] = raw.get(i * 6..i * 6 + 6)?.try_into().ok()?;
+        pairs.push((ip, introspect::orc::OrcEntry::decode(b)));
+    }
+    pairs.sort_by_key(|p| p.0);
+    let text: Vec<(u64, u64)> = m
+        .sections
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kind == SectionKind::Text)
+        .filter_map(|(i, s)| section_base.get(&i).map(|b| (*b, *b + s.size)))
+        .collect();
+    let start = text.iter().map(|t| t.0).min()?;
+    let end = text.iter().map(|t| t.1).max()?;
+    Some((start, end, pairs.iter().map(|p| p.0).collect(), pairs.into_iter().map(|p| p.1).collect()))
 }
 
 fn put(image: &mut [u8], at: usize, bytes: &[u8]) -> std::result::Result<(), String> {

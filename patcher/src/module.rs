@@ -198,7 +198,7 @@ impl PatchModule {
                     return Err(malformed(format!("section {name} claims {} bytes", sh.sh_size)));
                 }
                 if kind == SectionKind::Skip { Vec::new() } else { vec![0u8; sh.sh_size as usize] }
-            } else if kind == SectionKind::Skip {
+            } else if kind == SectionKind::Skip && !name.starts_with(".orc_unwind") {
                 Vec::new()
             } else {
                 let start = usize::try_from(sh.sh_offset).map_err(|_| malformed(format!("section {name} offset")))?;
