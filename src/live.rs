@@ -62,7 +62,7 @@ impl GuestWriter for LiveWriter<'_> {
 }
 
 /// Verbs of the patcher.
-pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force"];
+pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse"];
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
 
@@ -84,6 +84,8 @@ struct PendingOp {
     remaining: Option<usize>,
     /// Complete a running per-task transition at the next step (unsafe).
     force_now: bool,
+    /// Send the running per-task transition back at the next step.
+    reverse_now: bool,
 }
 
 /// How the last finished operation ended (for clients polling `list`).
@@ -148,6 +150,11 @@ impl GuestApi {
             }
             let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
             if p.in_transition().is_some() {
+                if op.reverse_now {
+                    op.reverse_now = false;
+                    op.verb = format!("reverse {}", op.verb);
+                    return Ok(p.reverse(k, w, u)?);
+                }
                 return Ok(if op.force_now { p.force_transition(k, w, u)? } else { p.advance(k, w, u)? });
             }
             Ok(match (&op.module, op.verb.as_str()) {
@@ -221,6 +228,17 @@ impl GuestApi {
                 drop(paused);
                 Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
             }
+            "reverse" => {
+                let p = self.pending.as_mut().ok_or_else(|| anyhow!("no transition is running"))?;
+                if p.remaining.is_none() {
+                    bail!("{} {} waits for a global safe point; nothing to reverse", p.verb, p.target);
+                }
+                p.reverse_now = true;
+                match self.attempt(vm) {
+                    Some(r) => r.map_err(|e| anyhow!(e)),
+                    None => Ok(self.pending_view()),
+                }
+            }
             "force" => {
                 let p = self.pending.as_mut().ok_or_else(|| anyhow!("no transition is running"))?;
                 p.force_now = true;
@@ -267,6 +285,7 @@ impl GuestApi {
                     records: None,
                     remaining: None,
                     force_now: false,
+                    reverse_now: false,
                 });
                 // Read what does not change while the guest runs in a first,
                 // separate stop, so the switching stops stay short.

@@ -104,6 +104,10 @@ enum Cmd {
     Remove { name: String },
     /// Patches in stack order with their functions and states.
     List,
+    /// Complete the running per-task transition at once (unsafe, logged).
+    Force,
+    /// Send the running per-task transition back.
+    Reverse,
     /// The main job end to end: boot the test guest, show its /proc/cmdline,
     /// apply livepatch-sample.ko from outside, show it again, shut down.
     Demo {
@@ -213,6 +217,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         ),
         Cmd::Remove { name } => patch_verb(cli.api_sock.as_deref(), json!({"verb": "remove", "name": name}), cli.json),
         Cmd::List => patch_verb(cli.api_sock.as_deref(), json!({"verb": "list"}), cli.json),
+        Cmd::Force => patch_verb(cli.api_sock.as_deref(), json!({"verb": "force"}), cli.json),
+        Cmd::Reverse => patch_verb(cli.api_sock.as_deref(), json!({"verb": "reverse"}), cli.json),
         Cmd::Demo { module } => demo(module),
         Cmd::Dump { out } => {
             let out = absolute(&out)?;

@@ -87,3 +87,30 @@ fn force_completes_a_per_task_transition_at_once() {
     g.sh("echo 1 > /proc/hp_wake");
     assert_eq!(g.sh("cat /proc/hp_sleep"), "woke 7 original");
 }
+
+#[test]
+fn reverse_in_the_middle_returns_every_task_to_the_old_code() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("pertask-reverse", &snap);
+    g.wait_api();
+    let before = g.api_ok(json!({"verb": "ftrace", "function": "hp_sleep_wait"}))["bytes"].clone();
+    g.send("cat /proc/hp_sleep &\n");
+    sleeper_pid(&g);
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko")}));
+    assert_eq!(r["state"], json!("per-task transition"), "{r}");
+    // The shell is migrated: its children run the new code.
+    assert_eq!(g.sh("cat /proc/hp_sleep"), "woke 7 original");
+    let r = g.api_ok(json!({"verb": "reverse"}));
+    assert_eq!(r["state"], json!("done"), "nobody was inside the new code: {r}");
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["patches"], json!([]), "{l}");
+    assert_eq!(l["reserved_used"], json!(0));
+    assert_eq!(g.api_ok(json!({"verb": "ftrace", "function": "hp_sleep_wait"}))["bytes"], before);
+    // Old code for everybody again: the sleeper wakes in it, a new reader sleeps too.
+    let from = g.console_len();
+    g.sh("echo 1 > /proc/hp_wake");
+    g.wait_for_from("woke 0 original", from, CMD_TIMEOUT);
+    g.send("cat /proc/hp_sleep &\n");
+    sleeper_pid(&g);
+    g.sh("echo 1 > /proc/hp_wake");
+}

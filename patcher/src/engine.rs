@@ -152,6 +152,12 @@ struct TaskTransition {
     enable_to: Option<bool>,
     /// The transitioning patch replaces all others when it completes.
     replace: bool,
+    /// Code migrated tasks run (must leave their stacks to go back).
+    new_ranges: Vec<(String, u64, u64)>,
+    /// Sent back: tasks converge to the state before the transition.
+    reversed: bool,
+    /// The transition applies a new patch (reversing it removes the patch).
+    applying: bool,
 }
 
 /// All patch state of one guest.
@@ -713,6 +719,28 @@ impl Patcher {
                 return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
             }
         }
+        let mut new_ranges = Vec::new();
+        for (site, target) in &desired {
+            let Some(st) = self.sites.get(site) else { continue };
+            if st.active == *target {
+                continue;
+            }
+            let range = match target {
+                Some(t) => self
+                    .patches
+                    .iter()
+                    .flat_map(|p| &p.funcs)
+                    .find(|f| f.site == *site && f.new_addr == *t)
+                    .map(|f| (f.new_symbol.clone(), f.new_addr, f.new_size)),
+                None => self
+                    .patches
+                    .iter()
+                    .flat_map(|p| &p.funcs)
+                    .find(|f| f.site == *site)
+                    .map(|f| (f.old_name.clone(), f.old_addr, f.old_size)),
+            };
+            new_ranges.extend(range);
+        }
         let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
         let mut stubs: Vec<(u64, Allocation, [u8; 5])> = Vec::new();
         let mut plan: Vec<(u64, Vec<u8>, bool)> = Vec::new(); // (addr, bytes, physical?)
@@ -750,7 +778,17 @@ impl Patcher {
                 write_virt(k, w, *addr, bytes)?;
             }
         }
-        self.transition = Some(TaskTransition { patch: patch.to_string(), desired, old_ranges, stubs, enable_to, replace });
+        self.transition = Some(TaskTransition {
+            patch: patch.to_string(),
+            desired,
+            old_ranges,
+            stubs,
+            enable_to,
+            replace,
+            new_ranges,
+            reversed: false,
+            applying: enable_to.is_none(),
+        });
         self.advance(k, w, u)
     }
 
@@ -764,14 +802,22 @@ impl Patcher {
         let tasks = k.tasks()?;
         let mut blockers = Vec::new();
         let mut remaining = 0;
+        // Forward: unmigrated tasks move to the target once off the old code.
+        // Reversed: migrated tasks move back once off the new code.
+        let (from, to, ranges) = if tr.reversed {
+            (TASK_MIGRATED, TASK_UNDEFINED, &tr.new_ranges)
+        } else {
+            (TASK_UNDEFINED, TASK_MIGRATED, &tr.old_ranges)
+        };
         for t in &tasks {
             let addr = t.addr + ps_off;
-            if k.mem.read_i32(addr)? == TASK_MIGRATED {
+            let state = k.mem.read_i32(addr)?;
+            if state == to || (tr.reversed && state != from) {
                 continue;
             }
-            let b = Self::blockers_of(k, u, &tr.old_ranges, std::slice::from_ref(t))?;
+            let b = Self::blockers_of(k, u, ranges, std::slice::from_ref(t))?;
             if b.is_empty() {
-                w.write_phys(k.mem.translate(addr)?, &TASK_MIGRATED.to_le_bytes())?;
+                w.write_phys(k.mem.translate(addr)?, &to.to_le_bytes())?;
             } else {
                 remaining += 1;
                 blockers.extend(b);
@@ -779,6 +825,9 @@ impl Patcher {
         }
         if remaining > 0 {
             return Ok(Outcome::InTransition { remaining, blockers });
+        }
+        if tr.reversed {
+            return self.finish_reversed(k, w, &tr, &tasks, ps_off);
         }
         // Every task runs the target code: direct jumps, stubs gone, marks cleared.
         for (site, _, before) in &tr.stubs {
@@ -809,10 +858,61 @@ impl Patcher {
         Ok(Outcome::Switched { sites: n, forced: false })
     }
 
+    /// Sends the running per-task transition back: tasks converge to the
+    /// state before it started, by the same rules.
+    pub fn reverse(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
+        let tr = self.transition.as_mut().ok_or_else(|| PatchError::State("no transition is running".into()))?;
+        tr.reversed = !tr.reversed;
+        self.advance(k, w, u)
+    }
+
+    /// A reversed transition has converged: the sites get their bytes from
+    /// before it, stubs and marks go, and an applied patch is removed.
+    fn finish_reversed(
+        &mut self,
+        k: &Kernel<'_>,
+        w: &dyn GuestWriter,
+        tr: &TaskTransition,
+        tasks: &[introspect::tasks::Task],
+        ps_off: u64,
+    ) -> Result<Outcome> {
+        for (site, _, before) in &tr.stubs {
+            write_virt(k, w, *site, before)?;
+            // Sites back at their original bytes get their ftrace record back.
+            if let Some(st) = self.sites.get(site) {
+                if let (None, Some((addr, orig))) = (st.active, st.record) {
+                    let cur = k.mem.read_u64(addr)?;
+                    let v = (cur & !FTRACE_FL_DISABLED) | (orig & FTRACE_FL_DISABLED);
+                    w.write_phys(k.mem.translate(addr)?, &v.to_le_bytes())?;
+                }
+            }
+        }
+        for (_, a, _) in &tr.stubs {
+            w.write_phys(a.phys, &[0u8; STUB_SIZE as usize])?;
+        }
+        if let Some(region) = self.region.as_mut() {
+            for (_, a, _) in &tr.stubs {
+                region.free(a);
+            }
+        }
+        for t in tasks {
+            w.write_phys(k.mem.translate(t.addr + ps_off)?, &TASK_UNDEFINED.to_le_bytes())?;
+        }
+        self.transition = None;
+        if tr.applying {
+            if let Some(i) = self.patches.iter().position(|p| p.name == tr.patch) {
+                self.patches[i].enabled = false;
+                self.remove(w, &tr.patch)?;
+            }
+        }
+        Ok(Outcome::Switched { sites: 0, forced: false })
+    }
+
     /// Forces the running per-task transition to complete now (unsafe).
     pub fn force_transition(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
         if let Some(tr) = self.transition.as_mut() {
             tr.old_ranges.clear();
+            tr.new_ranges.clear();
         }
         match self.advance(k, w, u)? {
             Outcome::Switched { sites, .. } => Ok(Outcome::Switched { sites, forced: true }),
