@@ -88,7 +88,55 @@ fn call_cost_and_apply_time() {
     );
 }
 
+/// Transition time with one task held in a changed function for 2 s.
+fn held_transition() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("bench-held", &snap);
+    g.wait_api();
+    let wait_sleeper = |g: &Guest| loop {
+        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
+        if st.as_array().unwrap().iter().any(|t| {
+            t["frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_sleep_wait+"))
+        }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // hyperpatch, per-task.
+    g.send("cat /proc/hp_sleep &\n");
+    wait_sleeper(&g);
+    let t = Instant::now();
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko")}));
+    assert_eq!(r["state"], json!("per-task transition"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    g.send("echo 1 > /proc/hp_wake\n");
+    loop {
+        if g.api_ok(json!({"verb": "list"}))["pending"].is_null() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hp = t.elapsed().as_secs_f64();
+    g.api_ok(json!({"verb": "disable", "name": "hp_patch_sleep", "wait": true}));
+    g.api_ok(json!({"verb": "remove", "name": "hp_patch_sleep"}));
+    // The guest's own livepatch with the same module.
+    g.send("cat /proc/hp_sleep &\n");
+    wait_sleeper(&g);
+    g.sh("echo 0 > /dev/null");
+    let t = Instant::now();
+    g.send("insmod /modules/hp_patch_sleep.ko &\n");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    g.send("echo 1 > /proc/hp_wake\n");
+    g.sh("while read v < /sys/kernel/livepatch/hp_patch_sleep/transition && [ \"$v\" = 1 ]; do :; done 2>/dev/null; until [ -e /sys/kernel/livepatch/hp_patch_sleep ]; do :; done; while read v < /sys/kernel/livepatch/hp_patch_sleep/transition && [ \"$v\" = 1 ]; do :; done");
+    let klp = t.elapsed().as_secs_f64();
+    println!(
+        "transition with a task held 2 s in the changed function: hyperpatch per-task {hp:.2} s, guest livepatch {klp:.2} s (guest/hyperpatch {:.2})",
+        klp / hp
+    );
+}
+
 fn main() {
+    held_transition();
     call_cost_and_apply_time();
     stopped_times(1);
     stopped_times(4);
