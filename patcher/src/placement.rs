@@ -101,7 +101,7 @@ pub struct Region {
 impl Region {
     /// Plans the region `[phys_base, phys_base + size)`; nothing is written.
     pub fn new(phys_base: u64, size: u64, virt_base: u64) -> Result<Region> {
-        if phys_base % PAGE_2M != 0 || size % PAGE_2M != 0 || size < 3 * PAGE_2M {
+        if !phys_base.is_multiple_of(PAGE_2M) || !size.is_multiple_of(PAGE_2M) || size < 3 * PAGE_2M {
             return Err(PatchError::Mapping(format!(
                 "reserved region {phys_base:#x}+{size:#x} must be 2 MiB aligned and at least 6 MiB"
             )));
