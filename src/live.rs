@@ -63,6 +63,10 @@ impl GuestWriter for LiveWriter<'_> {
 
 /// Verbs of the patcher.
 pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse"];
+/// Most instructions a vCPU is single-stepped to leave a changed function
+/// within one stop, and how many between checks.
+const MAX_STEP_OUT: u32 = 400;
+const STEP_BATCH: u32 = 20;
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
 
@@ -131,15 +135,74 @@ impl GuestApi {
 
     /// One safe-point attempt of the pending operation, all vCPUs stopped.
     /// `Some(result)` when it has ended (switched, failed or timed out).
+    /// At a global safe point, a vCPU running inside a changed function is
+    /// single-stepped (bounded) until it has left, then checked again.
     fn attempt(&mut self, vm: &Vm) -> Option<std::result::Result<Value, String>> {
-        let mut op = self.pending.take()?;
-        op.attempts += 1;
         let paused = match vm.pause() {
             Ok(p) => p,
             Err(e) => return Some(Err(e.to_string())),
         };
         let stopped = Instant::now();
-        let outcome = self.with_kernel(&paused, |p, k, w| {
+        let mut outcome = self.try_once(&paused);
+        let mut steps = 0u32;
+        while let Ok(Outcome::Blocked(b)) = &outcome {
+            let running: Vec<usize> = b.iter().filter(|x| !x.unreliable).filter_map(|x| x.running_on).collect();
+            if running.is_empty() || running.len() != b.len() || steps >= MAX_STEP_OUT {
+                break;
+            }
+            let mut failed = false;
+            for _ in 0..STEP_BATCH {
+                for cpu in &running {
+                    if paused.single_step(*cpu).is_err() {
+                        failed = true;
+                    }
+                }
+                steps += STEP_BATCH.min(1);
+            }
+            if failed {
+                break;
+            }
+            outcome = self.try_once(&paused);
+        }
+        let stopped_for = stopped.elapsed();
+        drop(paused);
+        let mut op = self.pending.take()?;
+        match outcome {
+            Err(e) => Some(Err(format!("{e:#}"))),
+            Ok(Outcome::Switched { sites, forced }) => {
+                let forced = forced || op.force_now;
+                if forced {
+                    eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
+                }
+                Some(Ok(json!({
+                    "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
+                    "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
+                    "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
+                })))
+            }
+            Ok(Outcome::InTransition { remaining, blockers }) => {
+                op.blockers = blockers;
+                op.remaining = Some(remaining);
+                self.pending = Some(op);
+                None
+            }
+            Ok(Outcome::Blocked(blockers)) => {
+                if op.start.elapsed() >= op.timeout {
+                    let list: Vec<String> = blockers.iter().map(|b| b.to_string()).collect();
+                    return Some(Err(PatchError::Timeout { secs: op.timeout.as_secs(), blockers: list.join("; ") }.to_string()));
+                }
+                op.blockers = blockers;
+                self.pending = Some(op);
+                None
+            }
+        }
+    }
+
+    /// One check-and-switch of the pending operation on a paused VM.
+    fn try_once(&mut self, paused: &PausedVm<'_>) -> Result<Outcome> {
+        let mut op = self.pending.take().ok_or_else(|| anyhow!("no pending operation"))?;
+        op.attempts += 1;
+        let outcome = self.with_kernel(paused, |p, k, w| {
             if op.unwinder.is_none() {
                 let mut u = k.unwinder(&k.modules()?)?;
                 p.register_orc(&mut u);
@@ -163,37 +226,8 @@ impl GuestApi {
                 (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force, op.opts.per_task)?,
             })
         });
-        let stopped_for = stopped.elapsed();
-        drop(paused);
-        match outcome {
-            Err(e) => Some(Err(format!("{e:#}"))),
-            Ok(Outcome::Switched { sites, forced }) => {
-                let forced = forced || op.force_now;
-                if forced {
-                    eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
-                }
-                Some(Ok(json!({
-                    "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
-                    "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
-                    "stopped_us": stopped_for.as_secs_f64() * 1e6,
-                })))
-            }
-            Ok(Outcome::InTransition { remaining, blockers }) => {
-                op.blockers = blockers;
-                op.remaining = Some(remaining);
-                self.pending = Some(op);
-                None
-            }
-            Ok(Outcome::Blocked(blockers)) => {
-                if op.start.elapsed() >= op.timeout {
-                    let list: Vec<String> = blockers.iter().map(|b| b.to_string()).collect();
-                    return Some(Err(PatchError::Timeout { secs: op.timeout.as_secs(), blockers: list.join("; ") }.to_string()));
-                }
-                op.blockers = blockers;
-                self.pending = Some(op);
-                None
-            }
-        }
+        self.pending = Some(op);
+        outcome
     }
 
     fn pending_view(&self) -> Value {

@@ -316,3 +316,39 @@ fn module_functions_and_a_20_function_patch() {
     assert_eq!(g.sh("cat /proc/hp_many"), "20");
     assert_eq!(g.sh("cat /proc/hp_target"), "patched");
 }
+
+#[test]
+fn a_vcpu_running_in_a_changed_function_is_stepped_out() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-stepout", &snap);
+    g.wait_api();
+    // The vCPU spends its time calling hp_bench_target() in a kernel loop.
+    g.send("echo 3000000 > /proc/hp_bench &\n");
+    // Wait until it is past the baseline loop and calls hp_bench_target().
+    let deadline = std::time::Instant::now() + CMD_TIMEOUT;
+    loop {
+        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
+        let inside = st.as_array().unwrap().iter().any(|t| {
+            t["all_frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_bench_target+"))
+        });
+        if inside {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest never ran hp_bench_target");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut stepped = 0;
+    for _ in 0..12 {
+        let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_target.ko"), "per_task": false, "wait": true}));
+        assert_eq!(r["state"], json!("done"), "{r}");
+        stepped += r["stepped_instructions"].as_u64().unwrap_or(0);
+        let r = g.api_ok(json!({"verb": "disable", "name": "hp_patch_target", "per_task": false, "wait": true}));
+        stepped += r["stepped_instructions"].as_u64().unwrap_or(0);
+        g.api_ok(json!({"verb": "remove", "name": "hp_patch_target"}));
+    }
+    assert!(stepped > 0, "the vCPU was never found inside the changed function");
+    let text = g.console_text();
+    for bad in ["Oops", "BUG:", "general protection"] {
+        assert!(!text.contains(bad), "{}", g.tail(2000));
+    }
+}

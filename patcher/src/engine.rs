@@ -84,6 +84,8 @@ pub struct Blocker {
     pub frame: String,
     /// The stack could not be unwound reliably (that alone blocks).
     pub unreliable: bool,
+    /// The vCPU the task is running on, if it is running.
+    pub running_on: Option<usize>,
 }
 
 impl std::fmt::Display for Blocker {
@@ -363,6 +365,7 @@ impl Patcher {
                     function: String::new(),
                     frame: st.reason.clone().unwrap_or_else(|| "unreliable".into()),
                     unreliable: true,
+                    running_on: t.running_on,
                 });
                 continue;
             }
@@ -380,6 +383,7 @@ impl Patcher {
                             if f.is_return_address() { sym.return_address(f.ip) } else { sym.exact(f.ip) }
                         },
                         unreliable: false,
+                        running_on: t.running_on,
                     });
                     break;
                 }

@@ -419,6 +419,65 @@ impl PausedVm<'_> {
     }
 }
 
+/// Why a single step ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// One instruction executed; the vCPU is stopped again.
+    Stepped,
+    /// The guest asked for a reset while stepping.
+    Reset,
+}
+
+impl PausedVm<'_> {
+    /// Executes exactly one guest instruction on vCPU `index` while every
+    /// other vCPU stays stopped (KVM single-step with interrupts blocked),
+    /// serving the port I/O it does on the way. Used to step a vCPU out of a
+    /// function that is being changed.
+    pub fn single_step(&self, index: usize) -> Result<StepOutcome> {
+        let mut fd = self.vcpu(index)?;
+        let dbg = kvm_bindings::kvm_guest_debug {
+            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ,
+            ..Default::default()
+        };
+        let verr = |d: String| VmmError::Vcpu { index, detail: d };
+        fd.set_guest_debug(&dbg).map_err(|e| verr(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
+        let mut result = Err(verr("no debug exit after 64 exits".into()));
+        for _ in 0..64 {
+            fd.set_kvm_immediate_exit(0);
+            match fd.run() {
+                Ok(kvm_ioctls::VcpuExit::Debug(_)) => {
+                    result = Ok(StepOutcome::Stepped);
+                    break;
+                }
+                Ok(kvm_ioctls::VcpuExit::IoIn(port, data)) => {
+                    self.vm.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
+                }
+                Ok(kvm_ioctls::VcpuExit::IoOut(port, data)) => {
+                    let a = self.vm.bus.lock().unwrap_or_else(|e| e.into_inner()).write(port, data);
+                    if a == crate::devices::PioAction::Reset {
+                        result = Ok(StepOutcome::Reset);
+                        break;
+                    }
+                }
+                Ok(kvm_ioctls::VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(kvm_ioctls::VcpuExit::MmioWrite(..)) | Ok(kvm_ioctls::VcpuExit::Intr) => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Ok(other) => {
+                    result = Err(verr(format!("unexpected exit while single-stepping: {other:?}")));
+                    break;
+                }
+                Err(e) => {
+                    result = Err(verr(format!("KVM_RUN while single-stepping: {e}")));
+                    break;
+                }
+            }
+        }
+        let off = kvm_bindings::kvm_guest_debug::default();
+        fd.set_guest_debug(&off).map_err(|e| verr(format!("KVM_SET_GUEST_DEBUG (off): {e}")))?;
+        result
+    }
+}
+
 impl Drop for PausedVm<'_> {
     fn drop(&mut self) {
         self.vm.resume_hold();
