@@ -17,14 +17,16 @@ use common::*;
 
 fn qemu_boot(machine: &str) -> Option<Duration> {
     let img = image_dir();
+    // Plain qemu cannot deliver int3 at CPL0 on this machine's KVM, so the
+    // test kernel's boot-time int3 self-test is skipped (a test-image option).
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 {}",
+        "console=ttyS0 reboot=k panic=-1 no_int3_selftest {}",
         std::fs::read_to_string(img.join("cmdline")).unwrap_or_default().trim()
     );
     let mut args: Vec<String> = vec![
         "-enable-kvm".into(),
         "-cpu".into(),
-        "host,-arch-capabilities".into(),
+        "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off".into(),
         "-m".into(),
         "512".into(),
         "-nographic".into(),
@@ -83,7 +85,7 @@ fn main() {
     }
     let hp = hyperpatch_boot();
     println!("hyperpatch (PVH direct boot): {:.1} s to {READY}", hp.as_secs_f64());
-    for (name, machine) in [("qemu default machine", ""), ("qemu -M microvm", "microvm")] {
+    for (name, machine) in [("qemu default machine", ""), ("qemu -M microvm", "microvm,acpi=off")] {
         match qemu_boot(machine) {
             Some(q) => println!(
                 "{name}: {:.1} s to {READY}; qemu/hyperpatch = {:.2}",
