@@ -1056,3 +1056,49 @@ impl Patcher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
+
+    #[test]
+    fn dispatch_stub_decodes_as_intended() {
+        let at = 0xffff_ffff_bf00_0000u64;
+        let code = dispatch_stub(at, 0x1fdc0, 0x9a8, 0xffff_ffff_bf00_1000, 0xffff_ffff_8120_0005).unwrap();
+        assert!(code.len() as u64 <= STUB_SIZE);
+        let mut d = Decoder::with_ip(64, &code, at, DecoderOptions::NONE);
+        let mov = d.decode();
+        assert_eq!(mov.mnemonic(), Mnemonic::Mov);
+        assert_eq!(mov.op0_register(), Register::R11);
+        assert_eq!(mov.segment_prefix(), Register::GS);
+        assert_eq!(mov.memory_displacement64(), 0x1fdc0);
+        let cmp = d.decode();
+        assert_eq!(cmp.mnemonic(), Mnemonic::Cmp);
+        assert_eq!(cmp.memory_base(), Register::R11);
+        assert_eq!(cmp.memory_displacement64(), 0x9a8);
+        assert_eq!(cmp.immediate32(), 1);
+        let je = d.decode();
+        assert_eq!(je.mnemonic(), Mnemonic::Je);
+        assert_eq!(je.near_branch_target(), 0xffff_ffff_bf00_1000);
+        let jmp = d.decode();
+        assert_eq!(jmp.mnemonic(), Mnemonic::Jmp);
+        assert_eq!(jmp.near_branch_target(), 0xffff_ffff_8120_0005);
+    }
+
+    #[test]
+    fn jmp_encoding_and_reach() {
+        let b = jmp_bytes(0x1000, 0x2000).unwrap();
+        assert_eq!(b, [0xe9, 0xfb, 0x0f, 0, 0]);
+        assert!(jmp_bytes(0, 0x1_0000_0000).is_err());
+    }
+
+    #[test]
+    fn sympos_rules() {
+        assert_eq!(pick("f", &[5], 0).unwrap(), 5);
+        assert!(pick("f", &[5, 6], 0).is_err());
+        assert_eq!(pick("f", &[5, 6], 2).unwrap(), 6);
+        assert!(pick("f", &[5, 6], 3).is_err());
+        assert!(pick("f", &[], 0).is_err());
+    }
+}
