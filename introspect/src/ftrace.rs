@@ -16,7 +16,7 @@ const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 pub const MAX_RECORDS: usize = 1 << 20;
 const MAX_PAGES: usize = 1 << 16;
 /// Largest `struct dyn_ftrace` we accept (it is 16 bytes on x86_64).
-const MAX_RECORD_SIZE: u64 = 256;
+const MAX_RECORD_SIZE: u64 = 64;
 
 // dyn_ftrace.flags bits (include/linux/ftrace.h, 6.1).
 pub const FTRACE_FL_ENABLED: u64 = 1 << 31;
@@ -187,7 +187,7 @@ impl Kernel<'_> {
         self.mem.read_virt(site, &mut bytes)?;
         let (insn, text) = decode_site(&bytes, site);
         let target_symbol = match &insn {
-            SiteInsn::Call { target } | SiteInsn::Jmp { target } => self.syms.resolve(*target).map(|s| s.format()),
+            SiteInsn::Call { target } | SiteInsn::Jmp { target } => self.symbolize(*target),
             _ => None,
         };
         Ok(CallSite {

@@ -13,7 +13,7 @@ const MAX_FUNCS: usize = 1 << 16;
 const MAX_STATES: usize = 1024;
 /// Objects, funcs and states of all patches together: the per-list limits
 /// multiply (patches x objects x funcs), so one budget bounds the whole walk.
-const MAX_KLP_NODES: usize = 1 << 17;
+const MAX_KLP_NODES: usize = 1 << 16;
 const MODULE_NAME_LEN: usize = 56;
 
 /// One klp_func.

@@ -12,6 +12,15 @@ use crate::translate::KernelMemory;
 pub const MAX_MODULES: usize = 4096;
 /// Most symbols one module may have.
 pub const MAX_MODULE_SYMS: u32 = 1 << 20;
+/// Most symbols and exports all modules together may claim. Every reader
+/// of module symbols loops over [`Kernel::modules`] and reads each
+/// module's table, so without a total the per-module and per-list limits
+/// multiply (4096 modules x 1M symbols each).
+/// (A big distribution system's modules have ~100k; reading 512k takes a
+/// few seconds in a debug build.)
+pub const MAX_TOTAL_MODULE_SYMS: u64 = 1 << 19;
+/// Largest `struct kernel_symbol` we accept (12 bytes on x86_64).
+const MAX_KERNEL_SYMBOL_SIZE: u64 = 64;
 const MODULE_NAME_LEN: usize = 56;
 const ELF64_SYM_SIZE: u64 = 24;
 const MODULE_REF_BASE: i64 = 1;
@@ -80,7 +89,38 @@ impl Kernel<'_> {
         let list_off = self.off("module", "list")?;
         let head = self.sym("modules")?;
         let addrs = walk_list(&self.mem, head, list_off, MAX_MODULES, "module list")?;
-        addrs.into_iter().map(|a| self.module_at(a)).collect()
+        let modules: Vec<Module> = addrs.into_iter().map(|a| self.module_at(a)).collect::<Result<_>>()?;
+        // What the modules claim to have in all: bounds every caller that
+        // reads the symbols of each module in turn.
+        let mut claimed = 0u64;
+        for m in &modules {
+            claimed = claimed.saturating_add(self.module_symbol_claims(m));
+        }
+        if claimed > MAX_TOTAL_MODULE_SYMS {
+            return Err(IntrospectError::Corrupt(format!(
+                "the {} modules claim {claimed} symbols and exports in all (more than {MAX_TOTAL_MODULE_SYMS})",
+                modules.len()
+            )));
+        }
+        Ok(modules)
+    }
+
+    /// `mod->kallsyms->num_symtab + mod->num_syms` as the guest says them
+    /// (0 for what cannot be read: reading the table fails later anyway).
+    fn module_symbol_claims(&self, m: &Module) -> u64 {
+        let field_u32 = |base: u64, ty: &str, f: &str| -> Option<u64> {
+            let a = base.checked_add(self.off(ty, f).ok()?)?;
+            self.mem.read_u32(a).ok().map(u64::from)
+        };
+        let symtab = self
+            .off("module", "kallsyms")
+            .ok()
+            .and_then(|o| self.read_ptr(m.addr, o).ok())
+            .filter(|ks| *ks != 0)
+            .and_then(|ks| field_u32(ks, "mod_kallsyms", "num_symtab"))
+            .unwrap_or(0);
+        let exports = field_u32(m.addr, "module", "num_syms").unwrap_or(0);
+        symtab.saturating_add(exports)
     }
 
     fn module_at(&self, addr: u64) -> Result<Module> {
@@ -172,6 +212,20 @@ impl Kernel<'_> {
         Ok(None)
     }
 
+    /// `symbol+offset/size`, `[module]` appended outside vmlinux: `%pS` of
+    /// `addr`, or the ftrace trampoline holding it (which /proc/kallsyms
+    /// lists but `%pS` does not name). None for an address in none of them.
+    pub fn symbolize(&self, addr: u64) -> Option<String> {
+        if let Some(s) = self.syms.resolve(addr) {
+            return Some(s.format());
+        }
+        if let Ok(Some(m)) = self.module_address_lookup(addr) {
+            return Some(format!("{}+{:#x}/{:#x} [{}]", m.name, m.offset, m.size, m.module));
+        }
+        let t = self.ftrace_kallsyms().ok()?.into_iter().find(|t| addr >= t.addr && addr - t.addr < t.size.max(1))?;
+        Some(format!("{}+{:#x}/{:#x} [{}]", t.name, addr - t.addr, t.size, t.module))
+    }
+
     /// Every line /proc/kallsyms prints after vmlinux's own symbols, in its
     /// order: each module's [`Kernel::module_kallsyms`], then
     /// [`Kernel::ftrace_kallsyms`]. (BPF JIT images and kprobe insn pages
@@ -193,6 +247,8 @@ impl Kernel<'_> {
         let mut out = Vec::new();
         if let Ok(head) = self.sym("ftrace_mod_maps") {
             let maps = walk_list(&self.mem, head, self.off("ftrace_mod_map", "list")?, MAX_MODULES, "ftrace_mod_maps")?;
+            // All maps' func lists together (4096 maps x 1M funcs otherwise).
+            let mut budget = MAX_MODULE_SYMS as usize;
             for map in maps {
                 let at = |o: u64| map.checked_add(o).ok_or(IntrospectError::Overflow(map));
                 let num = self.mem.read_u32(at(self.off("ftrace_mod_map", "num_funcs")?)?)?;
@@ -203,9 +259,10 @@ impl Kernel<'_> {
                     &self.mem,
                     at(self.off("ftrace_mod_map", "funcs")?)?,
                     self.off("ftrace_mod_func", "list")?,
-                    MAX_MODULE_SYMS as usize,
+                    budget,
                     "ftrace_mod_func list",
                 )?;
+                budget = budget.saturating_sub(funcs.len());
                 // The kernel (6.1) shows entry k (0-based) as funcs[max(k-1, 0)]:
                 // `if (symnum > 1) symnum--` in ftrace_mod_get_kallsym. Mirror it.
                 for k in 0..num as usize {
@@ -250,6 +307,9 @@ impl Kernel<'_> {
             return Err(IntrospectError::Corrupt(format!("module {} claims {num} exports", module.name)));
         }
         let size = self.btf.struct_size("kernel_symbol")?;
+        if size == 0 || size > MAX_KERNEL_SYMBOL_SIZE {
+            return Err(IntrospectError::Corrupt(format!("sizeof(struct kernel_symbol) = {size} is implausible")));
+        }
         let value_off = self.off("kernel_symbol", "value_offset")?;
         let name_off = self.off("kernel_symbol", "name_offset")?;
         let table = self.mem.read_bytes(syms, usize::try_from(u64::from(num) * size).map_err(|_| IntrospectError::Overflow(syms))?)?;

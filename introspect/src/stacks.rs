@@ -15,7 +15,7 @@ use crate::translate::KernelMemory;
 /// Most frames one unwind follows.
 pub const MAX_FRAMES: usize = 128;
 /// Most module symbols one [`Symbolizer`] loads, all modules together.
-pub const MAX_SYMBOLIZER_MODULE_SYMS: usize = 1 << 20;
+pub const MAX_SYMBOLIZER_MODULE_SYMS: usize = crate::modules::MAX_TOTAL_MODULE_SYMS as usize;
 
 /// One frame as reported.
 #[derive(Clone, Debug, serde::Serialize)]
