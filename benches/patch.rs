@@ -18,9 +18,6 @@ use std::time::Instant;
 use common::*;
 use serde_json::json;
 
-fn module(name: &str) -> String {
-    image_dir().join("modules").join(name).display().to_string()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

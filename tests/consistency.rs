@@ -10,9 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-fn module(name: &str) -> String {
-    image_dir().join("modules").join(name).display().to_string()
-}
 
 fn sleeper_pid(g: &Guest) -> i64 {
     let deadline = Instant::now() + CMD_TIMEOUT;

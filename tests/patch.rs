@@ -4,11 +4,8 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
-fn module(name: &str) -> String {
-    image_dir().join("modules").join(name).display().to_string()
-}
 
 fn cmdline_orig(g: &mut Guest) -> String {
     g.sh("read l < /proc/cmdline; echo \"$l\"")
@@ -40,15 +37,6 @@ fn code_around(g: &Guest, func: &str) -> String {
     g.api_ok(json!({"verb": "read_memory", "addr": phys - 16, "len": 96}))["hex"].as_str().unwrap().to_string()
 }
 
-fn apply(g: &Guest, m: &str, extra: Value) -> Value {
-    let mut req = json!({"verb": "apply", "path": module(m), "wait": true});
-    if let Value::Object(o) = extra {
-        for (k, v) in o {
-            req[k] = v;
-        }
-    }
-    g.api_ok(req)
-}
 
 #[test]
 fn sample_apply_disable_enable_remove_restores_every_byte() {

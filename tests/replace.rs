@@ -4,21 +4,9 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
-fn module(name: &str) -> String {
-    image_dir().join("modules").join(name).display().to_string()
-}
 
-fn apply(g: &Guest, m: &str, extra: Value) -> Value {
-    let mut req = json!({"verb": "apply", "path": module(m), "wait": true});
-    if let Value::Object(o) = extra {
-        for (k, v) in o {
-            req[k] = v;
-        }
-    }
-    g.api_ok(req)
-}
 
 fn line(g: &mut Guest, file: &str) -> String {
     g.sh(&format!("read l < {file}; echo \"$l\""))

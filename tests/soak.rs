@@ -7,9 +7,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn module(name: &str) -> String {
-    image_dir().join("modules").join(name).display().to_string()
-}
 
 #[test]
 fn soak_apply_replace_disable_under_load_on_every_vcpu() {

@@ -40,6 +40,23 @@ pub fn image_dir() -> PathBuf {
     dir
 }
 
+/// Path of one of the test image's modules (`image_dir()/modules/NAME`).
+pub fn module(name: &str) -> String {
+    image_dir().join("modules").join(name).display().to_string()
+}
+
+/// Applies a module of the test image and waits for the transition to end;
+/// `extra` adds request fields (`replace`, `per_task`, ...).
+pub fn apply(g: &Guest, m: &str, extra: Value) -> Value {
+    let mut req = json!({"verb": "apply", "path": module(m), "wait": true});
+    if let Value::Object(o) = extra {
+        for (k, v) in o {
+            req[k] = v;
+        }
+    }
+    g.api_ok(req)
+}
+
 /// A fresh scratch directory under the target dir.
 pub fn scratch(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
