@@ -98,15 +98,7 @@ fn held_transition() {
     let snap = ready_snapshot(1);
     let mut g = Guest::restore("bench-held", &snap);
     g.wait_api();
-    let wait_sleeper = |g: &Guest| loop {
-        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        if st.as_array().unwrap().iter().any(|t| {
-            t["frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_sleep_wait+"))
-        }) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let wait_sleeper = |g: &Guest| wait_for_frame(g, "frames", "hp_sleep_wait+");
     // hyperpatch, per-task.
     g.send("cat /proc/hp_sleep &\n");
     wait_sleeper(&g);

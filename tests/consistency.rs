@@ -7,22 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+
 use common::*;
 use serde_json::json;
 
 
 fn sleeper_pid(g: &Guest) -> i64 {
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        if let Some(t) = st.as_array().unwrap().iter().find(|t| {
-            t["frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_sleep_wait+"))
-        }) {
-            return t["pid"].as_i64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no task ever slept in hp_sleep_wait");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for_frame(g, "frames", "hp_sleep_wait+")
 }
 
 #[test]

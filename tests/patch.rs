@@ -237,18 +237,7 @@ fn a_task_sleeping_in_a_changed_function_holds_the_switch_until_it_leaves() {
     g.wait_api();
     // A task sleeps inside hp_sleep_wait() (guest-images/modules/hp_target.c).
     g.send("cat /proc/hp_sleep &\n");
-    let deadline = std::time::Instant::now() + CMD_TIMEOUT;
-    let sleeper = loop {
-        let ps = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        let found = ps.as_array().unwrap().iter().find(|t| {
-            t["frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_sleep_wait+"))
-        });
-        if let Some(t) = found {
-            break t["pid"].as_i64().unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "no task ever slept in hp_sleep_wait");
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    };
+    let sleeper = wait_for_frame(&g, "frames", "hp_sleep_wait+");
     // The apply waits: the API says which task and frame hold it.
     let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "timeout_secs": 120, "per_task": false}));
     assert_eq!(r["state"], json!("waiting for a safe point"), "{r}");
@@ -313,18 +302,7 @@ fn a_vcpu_running_in_a_changed_function_is_stepped_out() {
     // The vCPU spends its time calling hp_bench_target() in a kernel loop.
     g.send("echo 3000000 > /proc/hp_bench &\n");
     // Wait until it is past the baseline loop and calls hp_bench_target().
-    let deadline = std::time::Instant::now() + CMD_TIMEOUT;
-    loop {
-        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        let inside = st.as_array().unwrap().iter().any(|t| {
-            t["all_frames"].as_array().unwrap().iter().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_bench_target+"))
-        });
-        if inside {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the guest never ran hp_bench_target");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_for_frame(&g, "all_frames", "hp_bench_target+");
     let mut stepped = 0;
     for _ in 0..12 {
         let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_target.ko"), "per_task": false, "wait": true}));

@@ -57,6 +57,24 @@ pub fn apply(g: &Guest, m: &str, extra: Value) -> Value {
     g.api_ok(req)
 }
 
+/// Waits until some task's stack (`frames` as /proc/PID/stack shows it, or
+/// `all_frames`) has a frame in a function starting with `prefix`; returns
+/// its pid.
+pub fn wait_for_frame(g: &Guest, frames: &str, prefix: &str) -> i64 {
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
+        let found = st.as_array().into_iter().flatten().find(|t| {
+            t[frames].as_array().into_iter().flatten().any(|f| f["symbol"].as_str().unwrap_or("").starts_with(prefix))
+        });
+        if let Some(t) = found {
+            return t["pid"].as_i64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no task ever ran in {prefix}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A fresh scratch directory under the target dir.
 pub fn scratch(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
