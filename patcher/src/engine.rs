@@ -129,11 +129,11 @@ pub fn dispatch_stub(at: u64, current_task: u64, patch_state_off: u64, new: u64,
     b.extend_from_slice(&[0x41, 0x81, 0xbb]); // cmp dword [r11 + patch_state], 1
     b.extend_from_slice(&ps.to_le_bytes());
     b.extend_from_slice(&TASK_MIGRATED.to_le_bytes());
-    let je_end = at + b.len() as u64 + 6;
+    let je_end = at.checked_add(b.len() as u64 + 6).ok_or_else(|| bad("stub address overflows"))?;
     let rel = i32::try_from(i128::from(new) - i128::from(je_end)).map_err(|_| bad("new target out of reach"))?;
     b.extend_from_slice(&[0x0f, 0x84]);
     b.extend_from_slice(&rel.to_le_bytes());
-    let jmp_end = at + b.len() as u64 + 5;
+    let jmp_end = at.checked_add(b.len() as u64 + 5).ok_or_else(|| bad("stub address overflows"))?;
     let rel = i32::try_from(i128::from(old) - i128::from(jmp_end)).map_err(|_| bad("old target out of reach"))?;
     b.push(0xe9);
     b.extend_from_slice(&rel.to_le_bytes());
@@ -237,7 +237,7 @@ fn write_virt(k: &Kernel<'_>, w: &dyn GuestWriter, va: u64, bytes: &[u8]) -> Res
     // Sites never cross a page: a 5-byte instruction may, so write bytewise by page.
     let mut done = 0usize;
     while done < bytes.len() {
-        let at = va + done as u64;
+        let at = field(va, done as u64)?;
         let pa = k.mem.translate(at)?;
         let room = (0x1000 - (at & 0xfff)) as usize;
         let n = room.min(bytes.len() - done);
@@ -245,6 +245,11 @@ fn write_virt(k: &Kernel<'_>, w: &dyn GuestWriter, va: u64, bytes: &[u8]) -> Res
         done += n;
     }
     Ok(())
+}
+
+/// `base + off` for guest-derived addresses: overflow is an error, not a panic.
+fn field(base: u64, off: u64) -> Result<u64> {
+    base.checked_add(off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(base)))
 }
 
 fn jmp_bytes(site: u64, target: u64) -> Result<[u8; 5]> {
@@ -520,7 +525,7 @@ impl Patcher {
                     Some(o) => module_function(k, o, &f.old_name, f.old_sympos)?,
                 };
                 let head = k.mem.read_bytes(old_addr, 9)?;
-                let site = if head.get(..4) == Some(&ENDBR64[..]) { old_addr + 4 } else { old_addr };
+                let site = if head.get(..4) == Some(&ENDBR64[..]) { field(old_addr, 4)? } else { old_addr };
                 if funcs.iter().any(|x: &(crate::module::FuncSpec, Option<String>, u64, u64, u64)| x.4 == site) {
                     return Err(PatchError::Function { name: f.old_name.clone(), detail: "listed twice in the patch".into() });
                 }
@@ -718,7 +723,7 @@ impl Patcher {
             return Err(PatchError::State("the guest's own livepatch is in a transition; try again later".into()));
         }
         for t in k.tasks()? {
-            let v = k.mem.read_i32(t.addr + ps_off)?;
+            let v = k.mem.read_i32(field(t.addr, ps_off)?)?;
             if v != TASK_UNDEFINED {
                 return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
             }
@@ -753,7 +758,7 @@ impl Patcher {
             if st.active == *target {
                 continue;
             }
-            let body = site + 5; // the original function after its NOP
+            let body = field(*site, 5)?; // the original function after its NOP
             let new = target.unwrap_or(body);
             let old = st.active.unwrap_or(body);
             let a = region.alloc(AreaKind::Text, STUB_SIZE, 32)?;
@@ -814,7 +819,7 @@ impl Patcher {
             (TASK_UNDEFINED, TASK_MIGRATED, &tr.old_ranges)
         };
         for t in &tasks {
-            let addr = t.addr + ps_off;
+            let addr = field(t.addr, ps_off)?;
             let state = k.mem.read_i32(addr)?;
             if state == to || (tr.reversed && state != from) {
                 continue;
@@ -847,7 +852,7 @@ impl Patcher {
             }
         }
         for t in &tasks {
-            let addr = t.addr + ps_off;
+            let addr = field(t.addr, ps_off)?;
             w.write_phys(k.mem.translate(addr)?, &TASK_UNDEFINED.to_le_bytes())?;
         }
         if let Some(en) = tr.enable_to {
@@ -900,7 +905,7 @@ impl Patcher {
             }
         }
         for t in tasks {
-            w.write_phys(k.mem.translate(t.addr + ps_off)?, &TASK_UNDEFINED.to_le_bytes())?;
+            w.write_phys(k.mem.translate(field(t.addr, ps_off)?)?, &TASK_UNDEFINED.to_le_bytes())?;
         }
         self.transition = None;
         if tr.applying {
