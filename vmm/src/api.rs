@@ -358,6 +358,7 @@ impl Controller {
             "vcpus": self.vm.vcpu_count(),
             "state": if self.vm.is_paused() { "paused" } else { "running" },
             "uptime_secs": self.vm.uptime().as_secs_f64(),
+            "console_bytes": self.vm.console_bytes(),
             "memory_mib": l.ram_end >> 20,
             "reserved_region": {"start": l.reserved_start(), "size": l.reserved_size},
         })

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_superio::serial::{NoEvents, SerialState};
@@ -36,11 +36,21 @@ pub struct ConsoleOut {
     out: Box<dyn Write + Send>,
     tail: Vec<u8>,
     pub panicked: Arc<AtomicBool>,
+    /// Bytes handed to `out` so far. Every byte is written and flushed on
+    /// the vCPU thread before its port-I/O exit returns, so once every vCPU
+    /// is paused this count is final: a reader that has seen this many bytes
+    /// has seen everything the guest printed.
+    pub written: Arc<AtomicU64>,
 }
 
 impl ConsoleOut {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        ConsoleOut { out, tail: Vec::with_capacity(256), panicked: Arc::new(AtomicBool::new(false)) }
+        ConsoleOut {
+            out,
+            tail: Vec::with_capacity(256),
+            panicked: Arc::new(AtomicBool::new(false)),
+            written: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
@@ -60,6 +70,7 @@ impl Write for ConsoleOut {
         }
         self.out.write_all(buf)?;
         self.out.flush()?;
+        self.written.fetch_add(buf.len() as u64, Ordering::SeqCst);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

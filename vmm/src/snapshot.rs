@@ -23,7 +23,9 @@ use crate::error::{Result, VmmError};
 use crate::layout::MemoryLayout;
 use crate::vm::{PausedVm, Vm};
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// Version of the snapshot format. A snapshot of any other version is
+/// refused; caches of snapshots key on it.
+pub const FORMAT_VERSION: u32 = 2;
 const MEMORY_FILE: &str = "memory.bin";
 const STATE_FILE: &str = "state.json";
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -111,7 +113,7 @@ pub fn save(paused: &PausedVm<'_>, dir: &Path) -> Result<()> {
         SerialSnapshot::from(&bus.console.serial.state())
     };
     let state = VmState {
-        version: SNAPSHOT_VERSION,
+        version: FORMAT_VERSION,
         layout: vm.layout,
         vcpus,
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
@@ -162,8 +164,8 @@ pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
     let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
     let state: VmState = serde_json::from_slice(&raw)
         .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
-    if state.version != SNAPSHOT_VERSION {
-        return Err(VmmError::Snapshot(format!("snapshot version {} is not {}", state.version, SNAPSHOT_VERSION)));
+    if state.version != FORMAT_VERSION {
+        return Err(VmmError::Snapshot(format!("snapshot version {} is not {}", state.version, FORMAT_VERSION)));
     }
     let n = state.vcpus.len();
     if n == 0 || n > usize::from(crate::vm::MAX_VCPUS) {
@@ -208,9 +210,9 @@ pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm_fd.register_irqfd(&irq, SERIAL_IRQ).map_err(snap_err("KVM_IRQFD"))?;
     let out = ConsoleOut::new(console);
-    let panicked = out.panicked.clone();
+    let (panicked, written) = (out.panicked.clone(), out.written.clone());
     let console = SerialConsole::from_state(&(&state.serial).into(), irq, out).map_err(VmmError::Snapshot)?;
-    let mut vm = Vm::assemble(kvm, vm_fd, mem, state.layout, vcpus, PioBus::new(console), panicked)?;
+    let mut vm = Vm::assemble(kvm, vm_fd, mem, state.layout, vcpus, PioBus::new(console), (panicked, written))?;
     vm.start()?;
     let _ = Arc::strong_count(&vm.control);
     Ok(vm)

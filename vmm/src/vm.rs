@@ -96,6 +96,8 @@ pub struct Vm {
     pub(crate) control: Arc<RunControl>,
     pub(crate) bus: Arc<Mutex<PioBus>>,
     pub(crate) panicked: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes written to the console output so far (see `ConsoleOut::written`).
+    pub(crate) console_written: Arc<std::sync::atomic::AtomicU64>,
     started: Instant,
     /// What was booted, when it was booted here (not restored).
     pub kernel: Option<LoadedKernel>,
@@ -185,9 +187,9 @@ impl Vm {
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm_fd.register_irqfd(&irq, SERIAL_IRQ).map_err(VmmError::ioctl("KVM_IRQFD"))?;
         let out = ConsoleOut::new(console);
-        let panicked = out.panicked.clone();
+        let (panicked, written) = (out.panicked.clone(), out.written.clone());
         let bus = PioBus::new(SerialConsole::new(irq, out));
-        let mut vm = Vm::assemble(kvm, vm_fd, mem, layout, vcpus, bus, panicked)?;
+        let mut vm = Vm::assemble(kvm, vm_fd, mem, layout, vcpus, bus, (panicked, written))?;
         vm.kernel = Some(loaded);
         vm.start()?;
         Ok(vm)
@@ -200,7 +202,7 @@ impl Vm {
         layout: MemoryLayout,
         vcpus: Vec<VcpuFd>,
         bus: PioBus,
-        panicked: Arc<std::sync::atomic::AtomicBool>,
+        (panicked, console_written): (Arc<std::sync::atomic::AtomicBool>, Arc<std::sync::atomic::AtomicU64>),
     ) -> Result<Vm> {
         Ok(Vm {
             kvm,
@@ -212,6 +214,7 @@ impl Vm {
             control: Arc::new(RunControl::new()?),
             bus: Arc::new(Mutex::new(bus)),
             panicked,
+            console_written,
             started: Instant::now(),
             kernel: None,
         })
@@ -276,6 +279,12 @@ impl Vm {
             Some(VmExit::Reset) if self.panicked.load(std::sync::atomic::Ordering::SeqCst) => Some(VmExit::Panic),
             other => other,
         }
+    }
+
+    /// Bytes the guest has printed on its console so far. Read while every
+    /// vCPU is paused, it is exact: nothing more is printed until resume.
+    pub fn console_bytes(&self) -> u64 {
+        self.console_written.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Feeds host bytes to the guest console.
