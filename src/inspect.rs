@@ -2,39 +2,76 @@
 //! `klp`): one implementation over an opened [`Kernel`], served by the live
 //! API and by `--image` alike, with a JSON result and a text view.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use introspect::kernel::Kernel;
 use serde_json::{json, Value};
 
 /// Verbs this module answers.
 pub const VERBS: &[&str] = &["ps", "stack", "sym", "types", "ftrace", "mods", "klp", "layout"];
 
-/// Runs `verb` with the request's arguments against `k`.
+fn all() -> String {
+    "all".into()
+}
+
+/// The introspection verbs, typed: unknown fields are refused by name.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InspectRequest {
+    /// Every guest thread.
+    Ps {},
+    /// Where the kernel lives (KASLR, page tables, regions).
+    Layout {},
+    /// Kernel stacks of one pid or of `all`.
+    Stack {
+        #[serde(default = "all")]
+        target: String,
+    },
+    /// A symbol's addresses, or the symbol at `0x...`.
+    Sym { query: String },
+    /// A struct's layout from BTF.
+    Types {
+        #[serde(rename = "struct")]
+        name: String,
+    },
+    /// A function's ftrace call site and record.
+    Ftrace {
+        function: String,
+        #[serde(default)]
+        sympos: u32,
+    },
+    /// Loaded modules.
+    Mods {},
+    /// The guest's own livepatches.
+    Klp {},
+}
+
+/// Runs `verb` with the request's other fields against `k` (the CLI's
+/// `--image` path): decoded into [`InspectRequest`] first.
 pub fn run_verb(k: &Kernel<'_>, verb: &str, req: &Value) -> Result<Value> {
-    let arg = |name: &str| req.get(name).and_then(Value::as_str).map(str::to_owned);
-    match verb {
-        "ps" => Ok(serde_json::to_value(k.tasks()?)?),
-        "layout" => Ok(serde_json::to_value(k.layout()?)?),
-        "stack" => {
-            let target = arg("target").unwrap_or_else(|| "all".into());
-            Ok(serde_json::to_value(k.task_stacks(&target)?)?)
+    let mut req = req.clone();
+    if let Value::Object(o) = &mut req {
+        o.insert("verb".into(), Value::String(verb.into()));
+    }
+    let typed: InspectRequest = serde_json::from_value(req).with_context(|| verb.to_string())?;
+    run(k, &typed)
+}
+
+/// Runs one introspection request against `k`.
+pub fn run(k: &Kernel<'_>, req: &InspectRequest) -> Result<Value> {
+    match req {
+        InspectRequest::Ps {} => Ok(serde_json::to_value(k.tasks()?)?),
+        InspectRequest::Layout {} => Ok(serde_json::to_value(k.layout()?)?),
+        InspectRequest::Stack { target } => Ok(serde_json::to_value(k.task_stacks(target)?)?),
+        InspectRequest::Sym { query } => sym(k, query),
+        InspectRequest::Types { name } => {
+            let members = k.btf.describe_struct(name)?;
+            Ok(json!({"struct": name, "size": k.btf.struct_size(name)?, "members": serde_json::to_value(members)?}))
         }
-        "sym" => {
-            let q = arg("query").ok_or_else(|| anyhow!("sym needs a name or an address"))?;
-            sym(k, &q)
-        }
-        "types" => {
-            let s = arg("struct").ok_or_else(|| anyhow!("types needs a struct name"))?;
-            let members = k.btf.describe_struct(&s)?;
-            Ok(json!({"struct": s, "size": k.btf.struct_size(&s)?, "members": serde_json::to_value(members)?}))
-        }
-        "ftrace" => {
-            let f = arg("function").ok_or_else(|| anyhow!("ftrace needs a function name"))?;
-            let sympos = req.get("sympos").and_then(Value::as_u64).unwrap_or(0) as u32;
+        InspectRequest::Ftrace { function, sympos } => {
             let records = k.ftrace_records()?;
-            Ok(serde_json::to_value(k.call_site(&f, sympos, &records)?)?)
+            Ok(serde_json::to_value(k.call_site(function, *sympos, &records)?)?)
         }
-        "mods" => {
+        InspectRequest::Mods {} => {
             let mods = k.modules()?;
             Ok(Value::Array(
                 mods.iter()
@@ -48,8 +85,7 @@ pub fn run_verb(k: &Kernel<'_>, verb: &str, req: &Value) -> Result<Value> {
                     .collect(),
             ))
         }
-        "klp" => Ok(serde_json::to_value(k.klp_patches()?)?),
-        other => bail!("unknown introspection verb {other:?}"),
+        InspectRequest::Klp {} => Ok(serde_json::to_value(k.klp_patches()?)?),
     }
 }
 

@@ -1,21 +1,32 @@
-//! Introspection of a live VM: guest memory of a paused VM as
-//! [`PhysMem`], and the API extension that answers introspection verbs and
-//! `dump` over the control socket. kallsyms and BTF are decoded once per VM
-//! and kept: they live in kernel image memory that does not change.
+//! Introspection and patching of a live VM: guest memory of a paused VM as
+//! [`PhysMem`], and the API extension that serves the introspection, `dump`
+//! and patch verbs over the control socket.
+//!
+//! Every verb is decoded into a typed request (unknown fields refused by
+//! name) and run on one worker thread ([`GuestApi`]): the control loop
+//! never stops the guest or waits for a transition itself, so `status`,
+//! `list` and `pause` answer while a transition waits. `list` is served
+//! from a view the worker publishes after every change. kallsyms and BTF
+//! are decoded once per VM and kept: they live in kernel image memory that
+//! does not change.
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Context, Result};
 use introspect::btf::Btf;
 use introspect::kallsyms::Kallsyms;
 use introspect::kernel::Kernel;
 use introspect::{CpuState, IntrospectError, PhysMem};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use patcher::guest::GuestWriter;
 use patcher::{ApplyOptions, Outcome, PatchError, PatchModule, Patcher};
 use std::time::{Duration, Instant};
-use vmm::api::ApiExtension;
+use vmm::api::{ApiExtension, Handled};
 use vmm::{PausedVm, Vm};
 
 /// Guest memory of a paused VM.
@@ -69,6 +80,89 @@ const MAX_STEP_OUT: u32 = 400;
 const STEP_BATCH: u32 = 20;
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
+/// Pause between checks of a per-task transition (Linux: every second).
+const TASK_CHECK_DELAY: Duration = Duration::from_millis(50);
+/// Version of the state this API saves in a snapshot (the patcher's own
+/// state carries [`patcher::engine::STATE_VERSION`] too).
+pub const SAVED_STATE_VERSION: u32 = 1;
+
+fn default_timeout() -> f64 {
+    30.0
+}
+fn yes() -> bool {
+    true
+}
+
+/// The patch verbs, typed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PatchRequest {
+    /// Apply the livepatch module at `path` from outside.
+    Apply {
+        path: PathBuf,
+        /// Overrides the module's `replace`.
+        #[serde(default)]
+        replace: Option<bool>,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        skip_callbacks: bool,
+        #[serde(default = "yes")]
+        per_task: bool,
+        #[serde(default = "default_timeout")]
+        timeout_secs: f64,
+        /// Reply only when the transition has ended.
+        #[serde(default)]
+        wait: bool,
+    },
+    Disable {
+        name: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default = "yes")]
+        per_task: bool,
+        #[serde(default = "default_timeout")]
+        timeout_secs: f64,
+        #[serde(default)]
+        wait: bool,
+    },
+    Enable {
+        name: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default = "yes")]
+        per_task: bool,
+        #[serde(default = "default_timeout")]
+        timeout_secs: f64,
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Forget a disabled patch and free its guest memory.
+    Remove { name: String },
+    /// Patches, the running operation and the last finished one.
+    List {},
+    /// Complete the running per-task transition at once (unsafe, logged).
+    Force {},
+    /// Send the running per-task transition back.
+    Reverse {},
+}
+
+/// `dump`, typed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DumpRequest {
+    /// Write guest memory and every vCPU's state to one ELF core file.
+    Dump { out: PathBuf },
+}
+
+type Reply = std::result::Result<Value, String>;
+
+/// Work for the worker thread.
+enum Job {
+    Inspect(crate::inspect::InspectRequest, Sender<Reply>),
+    Dump(PathBuf, Sender<Reply>),
+    Patch(PatchRequest, Sender<Reply>),
+}
 
 /// A patch operation waiting for a safe point.
 struct PendingOp {
@@ -90,30 +184,336 @@ struct PendingOp {
     force_now: bool,
     /// Send the running per-task transition back at the next step.
     reverse_now: bool,
+    /// Clients waiting for the end of this operation.
+    waiters: Vec<Sender<Reply>>,
 }
 
 /// How the last finished operation ended (for clients polling `list`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Finished {
     verb: String,
     target: String,
     result: std::result::Result<Value, String>,
 }
 
-/// Answers introspection and patching verbs and `dump` for a live VM.
-pub struct GuestApi {
+/// What a snapshot keeps of a running operation.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedOp {
+    verb: String,
+    target: String,
+    opts: ApplyOptions,
+    timeout_secs: f64,
+    attempts: u64,
+    /// A per-task transition runs (the guest holds its stubs and marks).
+    per_task: bool,
+    /// Tasks not yet migrated at the last check.
+    remaining: Option<usize>,
+}
+
+/// The state a snapshot carries for this API.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedState {
+    version: u32,
+    patcher_version: u32,
+    patcher: Patcher,
+    pending: Option<SavedOp>,
+    finished: Option<Finished>,
+}
+
+/// What the worker owns: the patcher and the operation in flight.
+struct State {
     cache: Option<(Kallsyms, Btf)>,
     patcher: Patcher,
     pending: Option<PendingOp>,
     finished: Option<Finished>,
 }
 
-impl GuestApi {
-    pub fn new(vm: &Vm) -> GuestApi {
-        let l = vm.layout();
-        GuestApi { cache: None, patcher: Patcher::new(l.reserved_start(), l.reserved_size), pending: None, finished: None }
+/// Shared between the control loop, the worker and snapshot threads.
+struct Shared {
+    state: Mutex<State>,
+    jobs: Mutex<VecDeque<Job>>,
+    /// Signalled when a job is queued or the worker must stop.
+    wake: Condvar,
+    stop: std::sync::atomic::AtomicBool,
+    /// The `list` answer, published by the worker after every change.
+    view: Mutex<ListView>,
+}
+
+/// What `list` shows, without the worker's lock.
+#[derive(Clone, Default)]
+struct ListView {
+    patches: Value,
+    pending: Option<PendingView>,
+    finished: Option<Finished>,
+    reserved_used: u64,
+    region_mapped: bool,
+}
+
+#[derive(Clone)]
+struct PendingView {
+    verb: String,
+    target: String,
+    start: Instant,
+    attempts: u64,
+    remaining: Option<usize>,
+    blockers: Value,
+    held: bool,
+}
+
+impl PendingView {
+    fn of(op: &PendingOp, vm: &Vm) -> PendingView {
+        PendingView {
+            verb: op.verb.clone(),
+            target: op.target.clone(),
+            start: op.start,
+            attempts: op.attempts,
+            remaining: op.remaining,
+            blockers: serde_json::to_value(&op.blockers).unwrap_or(Value::Null),
+            held: vm.client_holds(),
+        }
     }
 
+    fn render(&self) -> Value {
+        let state = if self.remaining.is_some() { "per-task transition" } else { "waiting for a safe point" };
+        let mut v = json!({
+            "verb": self.verb, "patch": self.target, "state": state,
+            "attempts": self.attempts, "elapsed_secs": self.start.elapsed().as_secs_f64(),
+            "blockers": self.blockers,
+        });
+        if let Some(n) = self.remaining {
+            v["tasks_remaining"] = json!(n);
+        }
+        if self.held {
+            v["held_by_client"] = json!(true);
+        }
+        v
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers introspection and patching verbs and `dump` for a live VM; the
+/// work runs on its worker thread.
+pub struct GuestApi {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl GuestApi {
+    /// Starts the worker for `vm`.
+    pub fn new(vm: &Arc<Vm>) -> Result<GuestApi> {
+        let l = vm.layout();
+        Self::start(vm, Patcher::new(l.reserved_start(), l.reserved_size), None, None)
+    }
+
+    /// Starts the worker for a VM restored from a snapshot, with the state
+    /// saved in it (`vmm::snapshot::extension_state`). A per-task transition
+    /// that was running goes on; an operation that was only waiting for a
+    /// safe point had changed nothing and is reported as not carried over.
+    pub fn restored(vm: &Arc<Vm>, saved: Value) -> Result<GuestApi> {
+        #[derive(Deserialize)]
+        struct Versions {
+            version: u64,
+            patcher_version: u64,
+        }
+        let v: Versions = serde_json::from_value(saved.clone()).context("the snapshot's patcher state is malformed")?;
+        if v.version != u64::from(SAVED_STATE_VERSION) || v.patcher_version != u64::from(patcher::engine::STATE_VERSION) {
+            bail!(
+                "the snapshot's patcher state is version {}/{}, this hyperpatch reads only {}/{}",
+                v.version,
+                v.patcher_version,
+                SAVED_STATE_VERSION,
+                patcher::engine::STATE_VERSION
+            );
+        }
+        let s: SavedState = serde_json::from_value(saved).context("the snapshot's patcher state is malformed")?;
+        let l = vm.layout();
+        if s.patcher.reserved() != (l.reserved_start(), l.reserved_size) {
+            bail!("the snapshot's patcher state is for another reserved region than the VM's");
+        }
+        let mut finished = s.finished;
+        let pending = match s.pending {
+            Some(op) if op.per_task && s.patcher.in_transition() == Some(op.target.as_str()) => Some(PendingOp {
+                verb: op.verb,
+                target: op.target,
+                module: None,
+                opts: op.opts,
+                start: Instant::now(),
+                timeout: Duration::from_secs_f64(op.timeout_secs.clamp(0.0, 3600.0)),
+                attempts: op.attempts,
+                blockers: Vec::new(),
+                unwinder: None,
+                records: None,
+                remaining: Some(op.remaining.unwrap_or(0)),
+                force_now: false,
+                reverse_now: false,
+                waiters: Vec::new(),
+            }),
+            Some(op) if op.per_task => bail!("the snapshot's patcher state is inconsistent: {} {} runs a per-task transition the patcher does not know", op.verb, op.target),
+            Some(op) => {
+                finished = Some(Finished {
+                    verb: op.verb.clone(),
+                    target: op.target.clone(),
+                    result: Err(format!(
+                        "{} {} was waiting for a safe point when the snapshot was taken; it had changed nothing in the guest and was not carried over: run it again",
+                        op.verb, op.target
+                    )),
+                });
+                None
+            }
+            None if s.patcher.in_transition().is_some() => bail!("the snapshot's patcher state is inconsistent: a per-task transition without its operation"),
+            None => None,
+        };
+        Self::start(vm, s.patcher, pending, finished)
+    }
+
+    fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { cache: None, patcher, pending, finished }),
+            jobs: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            view: Mutex::new(ListView::default()),
+        });
+        {
+            let st = lock(&shared.state);
+            shared.publish(&st, vm);
+        }
+        let (s2, vm2) = (shared.clone(), vm.clone());
+        let worker = std::thread::Builder::new()
+            .name("hyperpatch-worker".into())
+            .spawn(move || s2.worker(&vm2))
+            .context("starting the worker thread")?;
+        Ok(GuestApi { shared, worker: Mutex::new(Some(worker)) })
+    }
+
+    fn queue(&self, job: Job) {
+        lock(&self.shared.jobs).push_back(job);
+        self.shared.wake.notify_all();
+    }
+
+    /// Runs one request and waits for its reply (the demo, tests).
+    pub fn call(&self, vm: &Arc<Vm>, request: &Value) -> Reply {
+        match self.handle(vm, request) {
+            Handled::Now(r) => r,
+            Handled::Later(rx) => rx.recv().unwrap_or_else(|_| Err("the worker ended without a reply".into())),
+        }
+    }
+
+    fn list(&self) -> Value {
+        let v = lock(&self.shared.view).clone();
+        json!({
+            "pending": v.pending.as_ref().map(PendingView::render),
+            "last": v.finished.as_ref().map(|f| json!({
+                "verb": f.verb, "patch": f.target,
+                "ok": f.result.is_ok(),
+                "result": f.result.as_ref().ok(),
+                "error": f.result.as_ref().err(),
+            })),
+            "patches": v.patches,
+            "reserved_used": v.reserved_used,
+            "region_mapped": v.region_mapped,
+        })
+    }
+}
+
+impl Shared {
+    /// The worker: serves queued jobs in order and drives the pending
+    /// operation (every 5 ms for a global safe point, every 50 ms for a
+    /// per-task transition). While a client holds the VM paused it makes no
+    /// attempt: an attempt may single-step guest code.
+    fn worker(&self, vm: &Arc<Vm>) {
+        let mut next_attempt = Instant::now();
+        loop {
+            if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            let job = lock(&self.jobs).pop_front();
+            if let Some(job) = job {
+                self.run_job(vm, job);
+                continue;
+            }
+            let now = Instant::now();
+            let has_pending = lock(&self.state).pending.is_some();
+            if has_pending && now >= next_attempt {
+                let mut st = lock(&self.state);
+                let delay = st.tick(vm);
+                self.publish(&st, vm);
+                drop(st);
+                next_attempt = Instant::now() + delay;
+                continue;
+            }
+            let wait = if has_pending { next_attempt.saturating_duration_since(now) } else { Duration::from_millis(500) };
+            let jobs = lock(&self.jobs);
+            if jobs.is_empty() && !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.wake.wait_timeout(jobs, wait).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        // The VM ends: whoever waits gets an answer.
+        let mut st = lock(&self.state);
+        if let Some(op) = st.pending.take() {
+            for w in op.waiters {
+                let _ = w.send(Err(format!("{} {}: the VM is shutting down", op.verb, op.target)));
+            }
+        }
+        for job in lock(&self.jobs).drain(..) {
+            let tx = match job {
+                Job::Inspect(_, tx) | Job::Dump(_, tx) | Job::Patch(_, tx) => tx,
+            };
+            let _ = tx.send(Err("the VM is shutting down".into()));
+        }
+    }
+
+    fn run_job(&self, vm: &Arc<Vm>, job: Job) {
+        let mut st = lock(&self.state);
+        match job {
+            Job::Inspect(req, tx) => {
+                let _ = tx.send(st.inspect(vm, &req).map_err(|e| format!("{e:#}")));
+            }
+            Job::Dump(out, tx) => {
+                let r = vm.pause().map_err(anyhow::Error::from).and_then(|p| dump(&p, &out)).map(|()| json!({"out": out}));
+                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+            }
+            Job::Patch(req, tx) => {
+                if let Some(tx) = st.patch_job(vm, req, tx) {
+                    // Answered once the operation has ended (or its first
+                    // attempt has, without `wait`).
+                    if let Some(op) = st.pending.as_mut() {
+                        op.waiters.push(tx);
+                    }
+                }
+            }
+        }
+        self.publish(&st, vm);
+    }
+
+    fn publish(&self, st: &State, vm: &Vm) {
+        let p = &st.patcher;
+        let in_transition = st.pending.as_ref().map(|o| o.target.clone());
+        let view = ListView {
+            patches: Value::Array(
+                p.patches()
+                    .iter()
+                    .map(|x| {
+                        json!({
+                            "name": x.name, "enabled": x.enabled, "transition": in_transition.as_deref() == Some(x.name.as_str()),
+                            "replace": x.replace, "forced": x.forced, "path": x.path, "states": x.states, "functions": x.funcs,
+                        })
+                    })
+                    .collect(),
+            ),
+            pending: st.pending.as_ref().map(|op| PendingView::of(op, vm)),
+            finished: st.finished.clone(),
+            reserved_used: p.reserved_used(),
+            region_mapped: p.region_mapped(),
+        };
+        *lock(&self.view) = view;
+    }
+}
+
+impl State {
     /// Runs `f` on the kernel view of the paused VM, keeping kallsyms and BTF.
     fn with_kernel<T>(
         &mut self,
@@ -133,11 +533,53 @@ impl GuestApi {
         r
     }
 
+    fn inspect(&mut self, vm: &Vm, req: &crate::inspect::InspectRequest) -> Result<Value> {
+        let paused = vm.pause()?;
+        self.with_kernel(&paused, |_, k, _| crate::inspect::run(k, req))
+    }
+
+    /// One attempt of the pending operation when it is due; how long until
+    /// the next.
+    fn tick(&mut self, vm: &Vm) -> Duration {
+        let Some(op) = self.pending.as_ref() else { return Duration::from_millis(500) };
+        if vm.client_holds() {
+            if op.remaining.is_none() && op.start.elapsed() >= op.timeout {
+                let (verb, target) = (op.verb.clone(), op.target.clone());
+                let secs = op.timeout.as_secs();
+                self.finish(Err(format!(
+                    "{verb} {target}: timed out after {secs} s while a client held the VM paused; nothing was changed"
+                )));
+            }
+            return Duration::from_millis(20);
+        }
+        if let Some(result) = self.attempt(vm) {
+            self.finish(result);
+            return Duration::from_millis(500);
+        }
+        if self.pending.as_ref().is_some_and(|p| p.remaining.is_some()) {
+            TASK_CHECK_DELAY
+        } else {
+            RETRY_DELAY
+        }
+    }
+
+    /// The pending operation has ended: record it and answer its waiters.
+    fn finish(&mut self, result: Reply) {
+        let Some(op) = self.pending.take() else { return };
+        if let Err(e) = &result {
+            eprintln!("hyperpatch: {} {} failed: {e}", op.verb, op.target);
+        }
+        for w in &op.waiters {
+            let _ = w.send(result.clone());
+        }
+        self.finished = Some(Finished { verb: op.verb, target: op.target, result });
+    }
+
     /// One safe-point attempt of the pending operation, all vCPUs stopped.
     /// `Some(result)` when it has ended (switched, failed or timed out).
     /// At a global safe point, a vCPU running inside a changed function is
     /// single-stepped (bounded) until it has left, then checked again.
-    fn attempt(&mut self, vm: &Vm) -> Option<std::result::Result<Value, String>> {
+    fn attempt(&mut self, vm: &Vm) -> Option<Reply> {
         let paused = match vm.pause() {
             Ok(p) => p,
             Err(e) => return Some(Err(e.to_string())),
@@ -153,11 +595,15 @@ impl GuestApi {
             let mut failed = false;
             for _ in 0..STEP_BATCH {
                 for cpu in &running {
+                    // Refused while a client holds the VM paused.
                     if paused.single_step(*cpu).is_err() {
                         failed = true;
                     }
                 }
-                steps += STEP_BATCH.min(1);
+                steps += 1;
+                if failed {
+                    break;
+                }
             }
             if failed {
                 break;
@@ -166,7 +612,7 @@ impl GuestApi {
         }
         let stopped_for = stopped.elapsed();
         drop(paused);
-        let mut op = self.pending.take()?;
+        let op = self.pending.as_mut()?;
         match outcome {
             Err(e) => Some(Err(format!("{e:#}"))),
             Ok(Outcome::Switched { sites, forced }) => {
@@ -183,7 +629,6 @@ impl GuestApi {
             Ok(Outcome::InTransition { remaining, blockers }) => {
                 op.blockers = blockers;
                 op.remaining = Some(remaining);
-                self.pending = Some(op);
                 None
             }
             Ok(Outcome::Blocked(blockers)) => {
@@ -192,7 +637,6 @@ impl GuestApi {
                     return Some(Err(PatchError::Timeout { secs: op.timeout.as_secs(), blockers: list.join("; ") }.to_string()));
                 }
                 op.blockers = blockers;
-                self.pending = Some(op);
                 None
             }
         }
@@ -230,202 +674,237 @@ impl GuestApi {
         outcome
     }
 
-    fn pending_view(&self) -> Value {
-        match &self.pending {
-            None => Value::Null,
-            Some(op) if op.remaining.is_some() => json!({
-                "verb": op.verb, "patch": op.target, "state": "per-task transition",
-                "tasks_remaining": op.remaining, "attempts": op.attempts,
-                "elapsed_secs": op.start.elapsed().as_secs_f64(), "blockers": op.blockers,
-            }),
-            Some(op) => json!({
-                "verb": op.verb, "patch": op.target, "state": "waiting for a safe point",
-                "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
-                "blockers": op.blockers,
-            }),
-        }
+    fn pending_view(&self, vm: &Vm) -> Value {
+        self.pending.as_ref().map(|op| PendingView::of(op, vm).render()).unwrap_or(Value::Null)
     }
 
-    fn patch_verb(&mut self, vm: &Vm, verb: &str, req: &Value) -> Result<Value> {
-        let name = || req.get("name").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| anyhow!("{verb} needs \"name\""));
-        let force = req.get("force").and_then(Value::as_bool).unwrap_or(false);
-        let timeout = Duration::from_secs_f64(req.get("timeout_secs").and_then(Value::as_f64).unwrap_or(30.0).clamp(0.0, 3600.0));
-        match verb {
-            "list" => Ok(self.list()),
-            "remove" => {
-                let name = name()?;
-                if self.pending.as_ref().is_some_and(|p| p.target == name) {
-                    bail!("patch {name} is in transition");
-                }
-                let paused = vm.pause()?;
-                self.patcher.remove(&LiveWriter(paused.memory()), &name)?;
-                drop(paused);
-                Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
+    /// Runs a patch verb. Returns the reply channel back when the answer
+    /// must wait for the pending operation to end.
+    fn patch_job(&mut self, vm: &Vm, req: PatchRequest, tx: Sender<Reply>) -> Option<Sender<Reply>> {
+        let (verb, target, module, opts, timeout, wait) = match req {
+            PatchRequest::List {} => {
+                let _ = tx.send(Err("list is served by the control loop".into()));
+                return None;
             }
-            "reverse" => {
-                let p = self.pending.as_mut().ok_or_else(|| anyhow!("no transition is running"))?;
-                if p.remaining.is_none() {
-                    bail!("{} {} waits for a global safe point; nothing to reverse", p.verb, p.target);
-                }
-                p.reverse_now = true;
-                match self.attempt(vm) {
-                    Some(r) => r.map_err(|e| anyhow!(e)),
-                    None => Ok(self.pending_view()),
-                }
-            }
-            "force" => {
-                let p = self.pending.as_mut().ok_or_else(|| anyhow!("no transition is running"))?;
-                p.force_now = true;
-                eprintln!("hyperpatch: {} {}: forcing the transition (unsafe)", p.verb, p.target);
-                match self.attempt(vm) {
-                    Some(r) => r.map_err(|e| anyhow!(e)),
-                    None => Ok(self.pending_view()),
-                }
-            }
-            "apply" | "disable" | "enable" => {
-                if let Some(p) = &self.pending {
-                    bail!("{} {} is still waiting for a safe point; try again when it ends", p.verb, p.target);
-                }
-                let module = if verb == "apply" {
-                    let path = req.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("apply needs \"path\""))?;
-                    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+            PatchRequest::Remove { name } => {
+                let r = (|| -> Result<Value> {
+                    if self.pending.as_ref().is_some_and(|p| p.target == name) {
+                        bail!("patch {name} is in transition");
+                    }
                     let paused = vm.pause()?;
-                    let m = self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(path, &bytes, &k.btf)?))?;
+                    self.patcher.remove(&LiveWriter(paused.memory()), &name)?;
                     drop(paused);
-                    Some(m)
+                    Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
+                })();
+                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+                return None;
+            }
+            PatchRequest::Reverse {} | PatchRequest::Force {} => {
+                let force = matches!(req, PatchRequest::Force {});
+                let Some(p) = self.pending.as_mut() else {
+                    let _ = tx.send(Err("no transition is running".into()));
+                    return None;
+                };
+                if force {
+                    p.force_now = true;
+                    eprintln!("hyperpatch: {} {}: forcing the transition (unsafe)", p.verb, p.target);
                 } else {
-                    None
-                };
-                let target = match &module {
-                    Some(m) => m.name.clone(),
-                    None => name()?,
-                };
-                self.finished = None;
-                self.pending = Some(PendingOp {
-                    verb: verb.to_string(),
-                    target: target.clone(),
-                    module,
-                    opts: ApplyOptions {
-                        replace: req.get("replace").and_then(Value::as_bool),
-                        force,
-                        skip_callbacks: req.get("skip_callbacks").and_then(Value::as_bool).unwrap_or(false),
-                        per_task: req.get("per_task").and_then(Value::as_bool).unwrap_or(true),
-                    },
-                    start: Instant::now(),
-                    timeout,
-                    attempts: 0,
-                    blockers: Vec::new(),
-                    unwinder: None,
-                    records: None,
-                    remaining: None,
-                    force_now: false,
-                    reverse_now: false,
-                });
-                // Read what does not change while the guest runs in a first,
-                // separate stop, so the switching stops stay short.
-                {
-                    let paused = vm.pause()?;
-                    let op = self.pending.take();
-                    let mut op = op.ok_or_else(|| anyhow!("pending"))?;
-                    let prep = self.with_kernel(&paused, |p, k, _| {
-                        let mut u = k.unwinder(&k.modules()?)?;
-                        p.register_orc(&mut u);
-                        op.unwinder = Some(u);
-                        if op.module.is_some() {
-                            op.records = Some(k.ftrace_records()?);
-                        }
-                        Ok(())
-                    });
-                    self.pending = Some(op);
-                    drop(paused);
-                    if let Err(e) = prep {
-                        self.pending = None;
-                        return Err(e);
+                    if p.remaining.is_none() {
+                        let _ = tx.send(Err(format!("{} {} waits for a global safe point; nothing to reverse", p.verb, p.target)));
+                        return None;
+                    }
+                    p.reverse_now = true;
+                }
+                if vm.client_holds() {
+                    // Done at the first attempt after the client resumes.
+                    let _ = tx.send(Ok(self.pending_view(vm)));
+                    return None;
+                }
+                match self.attempt(vm) {
+                    Some(r) => {
+                        self.finish(r.clone());
+                        let _ = tx.send(r);
+                    }
+                    None => {
+                        let _ = tx.send(Ok(self.pending_view(vm)));
                     }
                 }
-                let wait = req.get("wait").and_then(Value::as_bool).unwrap_or(false);
-                loop {
-                    if let Some(r) = self.attempt(vm) {
-                        return r.map_err(|e| anyhow!(e));
-                    }
-                    if !wait {
-                        return Ok(self.pending_view());
-                    }
-                    std::thread::sleep(RETRY_DELAY);
-                }
+                return None;
             }
-            other => Err(anyhow!("unknown patch verb {other}")),
-        }
-    }
-
-    fn list(&self) -> Value {
-        let pending = self.pending.as_ref().map(|p| p.target.clone());
-        json!({
-            "pending": self.pending_view(),
-            "last": self.finished.as_ref().map(|f| json!({
-                "verb": f.verb, "patch": f.target,
-                "ok": f.result.is_ok(),
-                "result": f.result.as_ref().ok(),
-                "error": f.result.as_ref().err(),
-            })),
-            "patches": self.patcher.patches().iter().map(|p| json!({
-                "name": p.name, "enabled": p.enabled, "transition": pending.as_deref() == Some(p.name.as_str()), "replace": p.replace,
-                "forced": p.forced, "path": p.path,
-                "states": p.states,
-                "functions": p.funcs,
-            })).collect::<Vec<_>>(),
-            "reserved_used": self.patcher.reserved_used(),
-            "region_mapped": self.patcher.region_mapped(),
-        })
-    }
-
-    fn run(&mut self, vm: &Vm, verb: &str, req: &Value) -> Result<Value> {
-        if PATCH_VERBS.contains(&verb) {
-            return self.patch_verb(vm, verb, req);
-        }
-        let paused = vm.pause()?;
-        if verb == "dump" {
-            let out = req.get("out").and_then(Value::as_str).ok_or_else(|| anyhow!("dump needs \"out\""))?;
-            dump(&paused, Path::new(out))?;
-            return Ok(json!({"out": out}));
-        }
-        let cpus = cpu_states(&paused)?;
-        let mem = LiveMemory(paused.memory());
-        let k = match self.cache.take() {
-            Some((syms, btf)) => Kernel::from_parts(&mem, cpus, syms, btf)?,
-            None => Kernel::open(&mem, cpus).context("reading the guest kernel")?,
+            PatchRequest::Apply { path, replace, force, skip_callbacks, per_task, timeout_secs, wait } => {
+                let m = (|| -> Result<PatchModule> {
+                    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let paused = vm.pause()?;
+                    let shown = path.display().to_string();
+                    self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))
+                })();
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        return None;
+                    }
+                };
+                let name = m.name.clone();
+                ("apply", name, Some(m), ApplyOptions { replace, force, skip_callbacks, per_task }, timeout_secs, wait)
+            }
+            PatchRequest::Disable { name, force, per_task, timeout_secs, wait } => {
+                ("disable", name, None, ApplyOptions { replace: None, force, skip_callbacks: false, per_task }, timeout_secs, wait)
+            }
+            PatchRequest::Enable { name, force, per_task, timeout_secs, wait } => {
+                ("enable", name, None, ApplyOptions { replace: None, force, skip_callbacks: false, per_task }, timeout_secs, wait)
+            }
         };
-        let r = crate::inspect::run_verb(&k, verb, req);
-        let Kernel { syms, btf, .. } = k;
-        self.cache = Some((syms, btf));
-        r
+        if let Some(p) = &self.pending {
+            let _ = tx.send(Err(format!("{} {} is still running; try again when it ends", p.verb, p.target)));
+            return None;
+        }
+        if !timeout.is_finite() || timeout < 0.0 {
+            let _ = tx.send(Err(format!("timeout_secs must be a non-negative number of seconds, not {timeout}")));
+            return None;
+        }
+        self.finished = None;
+        self.pending = Some(PendingOp {
+            verb: verb.to_string(),
+            target,
+            module,
+            opts,
+            start: Instant::now(),
+            timeout: Duration::from_secs_f64(timeout.min(3600.0)),
+            attempts: 0,
+            blockers: Vec::new(),
+            unwinder: None,
+            records: None,
+            remaining: None,
+            force_now: false,
+            reverse_now: false,
+            waiters: Vec::new(),
+        });
+        // Read what does not change while the guest runs in a first,
+        // separate stop, so the switching stops stay short.
+        let prep = (|| -> Result<()> {
+            let paused = vm.pause()?;
+            let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
+            let r = self.with_kernel(&paused, |p, k, _| {
+                let mut u = k.unwinder(&k.modules()?)?;
+                p.register_orc(&mut u);
+                op.unwinder = Some(u);
+                if op.module.is_some() {
+                    op.records = Some(k.ftrace_records()?);
+                }
+                Ok(())
+            });
+            self.pending = Some(op);
+            r
+        })();
+        if let Err(e) = prep {
+            self.pending = None;
+            let _ = tx.send(Err(format!("{e:#}")));
+            return None;
+        }
+        if vm.client_holds() {
+            // No attempt while a client holds the VM: the first comes on
+            // the worker's tick after it resumes.
+            if wait {
+                return Some(tx);
+            }
+            let _ = tx.send(Ok(self.pending_view(vm)));
+            return None;
+        }
+        if let Some(r) = self.attempt(vm) {
+            self.finish(r.clone());
+            let _ = tx.send(r);
+            return None;
+        }
+        if wait {
+            return Some(tx);
+        }
+        let _ = tx.send(Ok(self.pending_view(vm)));
+        None
+    }
+
+    fn saved(&self) -> std::result::Result<Value, String> {
+        let pending = self.pending.as_ref().map(|op| SavedOp {
+            verb: op.verb.clone(),
+            target: op.target.clone(),
+            opts: op.opts,
+            timeout_secs: op.timeout.as_secs_f64(),
+            attempts: op.attempts,
+            per_task: op.remaining.is_some(),
+            remaining: op.remaining,
+        });
+        #[derive(Serialize)]
+        struct SavedRef<'a> {
+            version: u32,
+            patcher_version: u32,
+            patcher: &'a Patcher,
+            pending: Option<SavedOp>,
+            finished: &'a Option<Finished>,
+        }
+        serde_json::to_value(SavedRef {
+            version: SAVED_STATE_VERSION,
+            patcher_version: patcher::engine::STATE_VERSION,
+            patcher: &self.patcher,
+            pending,
+            finished: &self.finished,
+        })
+        .map_err(|e| format!("encoding the patcher state: {e}"))
     }
 }
 
 impl ApiExtension for GuestApi {
-    fn tick(&mut self, vm: &Vm) -> Option<Duration> {
-        let p = self.pending.as_ref()?;
-        let (verb, target) = (p.verb.clone(), p.target.clone());
-        if let Some(result) = self.attempt(vm) {
-            if let Err(e) = &result {
-                eprintln!("hyperpatch: {verb} {target} failed: {e}");
-            }
-            self.finished = Some(Finished { verb, target, result });
-            return None;
-        }
-        // A per-task transition checks tasks every 50 ms (Linux: every second);
-        // a global safe point is retried every 5 ms.
-        if self.pending.as_ref().is_some_and(|p| p.remaining.is_some()) {
-            Some(Duration::from_millis(50))
-        } else {
-            Some(RETRY_DELAY)
-        }
+    fn verbs(&self) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = crate::inspect::VERBS.to_vec();
+        v.push("dump");
+        v.extend_from_slice(PATCH_VERBS);
+        v
     }
 
-    fn handle(&mut self, vm: &Vm, verb: &str, req: &Value) -> Option<std::result::Result<Value, String>> {
-        if verb != "dump" && !crate::inspect::VERBS.contains(&verb) && !PATCH_VERBS.contains(&verb) {
-            return None;
+    fn handle(&self, _vm: &Arc<Vm>, request: &Value) -> Handled {
+        let verb = request.get("verb").and_then(Value::as_str).unwrap_or("");
+        let (tx, rx) = mpsc::channel();
+        if crate::inspect::VERBS.contains(&verb) {
+            match serde_json::from_value::<crate::inspect::InspectRequest>(request.clone()) {
+                Ok(r) => self.queue(Job::Inspect(r, tx)),
+                Err(e) => return Handled::Now(Err(format!("{verb}: {e}"))),
+            }
+        } else if verb == "dump" {
+            match serde_json::from_value::<DumpRequest>(request.clone()) {
+                Ok(DumpRequest::Dump { out }) => self.queue(Job::Dump(out, tx)),
+                Err(e) => return Handled::Now(Err(format!("{verb}: {e}"))),
+            }
+        } else {
+            match serde_json::from_value::<PatchRequest>(request.clone()) {
+                Ok(PatchRequest::List {}) => return Handled::Now(Ok(self.list())),
+                Ok(r) => self.queue(Job::Patch(r, tx)),
+                Err(e) => return Handled::Now(Err(format!("{verb}: {e}"))),
+            }
         }
-        Some(self.run(vm, verb, req).map_err(|e| format!("{e:#}")))
+        Handled::Later(rx)
+    }
+
+    fn with_state(
+        &self,
+        save: &mut dyn FnMut(Option<&Value>) -> std::result::Result<Value, String>,
+    ) -> std::result::Result<Value, String> {
+        // The worker changes the guest only under this lock: the state and
+        // the guest's memory are saved at one moment.
+        let st = lock(&self.shared.state);
+        let v = st.saved()?;
+        save(Some(&v))
+    }
+
+    fn shutdown(&self) {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for GuestApi {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

@@ -261,7 +261,12 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout()),
     };
+    // The patcher's state is read (and its version checked) before the
+    // VM is restored, so a snapshot this hyperpatch cannot carry on is
+    // refused before any guest code runs.
+    let mut saved = None;
     let vm = if let Some(dir) = &args.restore {
+        saved = vmm::snapshot::extension_state(dir).with_context(|| format!("restoring {}", dir.display()))?;
         vmm::snapshot::restore(dir, console).with_context(|| format!("restoring {}", dir.display()))?
     } else {
         let vcpus = u8::try_from(args.vcpus)
@@ -288,8 +293,12 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         let cfg = VmConfig { kernel, initrd, cmdline, vcpus, mem_mib: args.mem, reserved_mib: args.reserved };
         Vm::boot(&cfg, console)?
     };
-    let api = hyperpatch::live::GuestApi::new(&vm);
-    let ctl = Controller::new(vm, api_sock, true, Box::new(api))?;
+    let vm = std::sync::Arc::new(vm);
+    let api = match saved {
+        Some(state) => hyperpatch::live::GuestApi::restored(&vm, state).context("restoring the patcher's state")?,
+        None => hyperpatch::live::GuestApi::new(&vm)?,
+    };
+    let ctl = Controller::new(vm, api_sock, true, std::sync::Arc::new(api))?;
     match ctl.run()? {
         VmExit::Reset | VmExit::Shutdown => Ok(ExitCode::SUCCESS),
         VmExit::Panic => bail!("the guest kernel panicked"),
@@ -341,7 +350,6 @@ impl TeeConsole {
 }
 
 fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
-    use vmm::api::ApiExtension;
     let dir = test_image_dir()?;
     let mut cmdline = BASE_CMDLINE.to_string();
     let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
@@ -359,7 +367,7 @@ fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
     };
     let console = TeeConsole::default();
     let t = std::time::Instant::now();
-    let mut vm = Vm::boot(&cfg, Box::new(console.clone()))?;
+    let vm = std::sync::Arc::new(Vm::boot(&cfg, Box::new(console.clone()))?);
     let long = std::time::Duration::from_secs(20 * 60);
     console.wait_for("HYPERPATCH-READY", 0, long, &vm)?;
     eprintln!("\n[hyperpatch] guest ready after {:.1} s", t.elapsed().as_secs_f64());
@@ -373,12 +381,9 @@ fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
         Ok(body)
     };
     let before = show(&vm, "before")?;
-    let mut api = hyperpatch::live::GuestApi::new(&vm);
+    let api = hyperpatch::live::GuestApi::new(&vm)?;
     let t = std::time::Instant::now();
-    let r = api
-        .handle(&vm, "apply", &json!({"verb": "apply", "path": module, "wait": true}))
-        .ok_or_else(|| anyhow!("apply is not served"))?
-        .map_err(|e| anyhow!("{e}"))?;
+    let r = api.call(&vm, &json!({"verb": "apply", "path": module, "wait": true})).map_err(|e| anyhow!("{e}"))?;
     eprintln!(
         "\n[hyperpatch] applied {} from outside in {:.1} ms (guest stopped {:.0} us)",
         module.display(),
@@ -386,6 +391,7 @@ fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
         r["stopped_us"].as_f64().unwrap_or(0.0)
     );
     let after = show(&vm, "after")?;
+    drop(api);
     vm.stop(VmExit::Shutdown);
     println!("\n/proc/cmdline before: {before}\n/proc/cmdline after:  {after}");
     Ok(ExitCode::SUCCESS)

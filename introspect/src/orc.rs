@@ -54,7 +54,7 @@ pub mod orc_type {
 
 /// One decoded `struct orc_entry` (Linux 6.1, little-endian bitfields:
 /// `sp_reg:4 bp_reg:4 type:2 end:1` in the u16 after the two offsets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrcEntry {
     pub sp_offset: i16,
     pub bp_offset: i16,

@@ -9,7 +9,7 @@ use introspect::ftrace::{decode_site, SiteInsn, NOP5};
 use introspect::kernel::Kernel;
 use introspect::stacks::Unwinder;
 use introspect::translate::KernelMemory;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
@@ -21,7 +21,7 @@ const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 const FTRACE_FL_DISABLED: u64 = 1 << 25;
 
 /// Options of `apply`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct ApplyOptions {
     /// Overrides the module's `replace` (its init, which would set it, does not run).
     pub replace: Option<bool>,
@@ -35,7 +35,7 @@ pub struct ApplyOptions {
 }
 
 /// One function a patch changes, resolved in the guest.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PatchedFunc {
     pub object: Option<String>,
     pub old_name: String,
@@ -49,7 +49,7 @@ pub struct PatchedFunc {
 }
 
 /// One applied patch.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Patch {
     pub id: u64,
     pub name: String,
@@ -59,12 +59,11 @@ pub struct Patch {
     pub forced: bool,
     pub states: Vec<StateSpec>,
     pub funcs: Vec<PatchedFunc>,
-    #[serde(skip)]
     linked: LinkedModule,
 }
 
 /// A call site hyperpatch owns.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SiteState {
     pub function: String,
     pub site: u64,
@@ -141,7 +140,7 @@ pub fn dispatch_stub(at: u64, current_task: u64, patch_state_off: u64, new: u64,
 }
 
 /// A per-task transition in progress.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct TaskTransition {
     patch: String,
     /// Site targets once every task is migrated.
@@ -162,8 +161,14 @@ struct TaskTransition {
     applying: bool,
 }
 
-/// All patch state of one guest.
-#[derive(Debug)]
+/// Version of the patcher's saved state (in snapshots). Another version
+/// is refused, never misread.
+pub const STATE_VERSION: u32 = 1;
+
+/// All patch state of one guest. It is saved with a snapshot of the VM
+/// (serde) and restored with it: the guest's memory holds the jumps, stubs
+/// and task marks, and this holds what they mean.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Patcher {
     reserved_phys: u64,
     reserved_size: u64,
@@ -276,6 +281,12 @@ impl Patcher {
             next_id: 1,
             transition: None,
         }
+    }
+
+    /// The reserved region this patcher places code in: (guest-physical
+    /// start, size).
+    pub fn reserved(&self) -> (u64, u64) {
+        (self.reserved_phys, self.reserved_size)
     }
 
     /// Patches in stack order (oldest first).

@@ -23,7 +23,7 @@ pub trait SymbolResolver {
 }
 
 /// A module linked at its final guest addresses, not yet written.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LinkedModule {
     pub allocations: Vec<Allocation>,
     /// Guest-virtual base of each placed section.

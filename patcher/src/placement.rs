@@ -4,7 +4,7 @@
 //! shares, within rel32 reach of kernel and modules), split into executable
 //! text, read-only rodata and writable data, with a first-fit allocator.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
@@ -25,7 +25,7 @@ const PTE_NX: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// What an allocation holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AreaKind {
     Text,
     Rodata,
@@ -33,7 +33,7 @@ pub enum AreaKind {
 }
 
 /// One allocation in the region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub kind: AreaKind,
     pub virt: u64,
@@ -41,7 +41,7 @@ pub struct Allocation {
     pub size: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Area {
     kind: AreaKind,
     virt: u64,
@@ -88,7 +88,7 @@ impl Area {
 }
 
 /// The reserved region and its mapping.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Region {
     pub phys_base: u64,
     pub virt_base: u64,

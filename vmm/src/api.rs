@@ -2,20 +2,27 @@
 //! JSON control socket (one request per line, one reply per line), feeds the
 //! console from stdin, and notices when the VM ends.
 //!
-//! Verbs served here: `status`, `pause`, `resume`, `shutdown`, `snapshot`.
-//! Other verbs go to an [`ApiExtension`] (introspection and patching live in
-//! other crates).
+//! Every request is decoded into a typed request ([`VmmRequest`] here, the
+//! extension's own enum for its verbs) that refuses unknown verbs and
+//! unknown fields by name. The loop itself only does quick work: anything
+//! long (a snapshot, a transition, a wait) runs on another thread and its
+//! reply is sent when it is done, so `status` and `pause` always answer.
+//! Replies to one client keep the order of its requests.
+//! The protocol is documented in `docs/API.md`.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::cell::RefCell;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Result, VmmError};
@@ -28,29 +35,82 @@ const MAX_REQUEST: usize = 1 << 20;
 const MAX_READ: u64 = 1 << 20;
 /// Most clients connected at once.
 const MAX_CLIENTS: usize = 64;
+/// Requests a client may have queued behind one that is still running.
+const MAX_QUEUED: usize = 64;
 
-/// Handles verbs this crate does not know. Returns `None` for an unknown verb.
-pub trait ApiExtension {
-    fn handle(&mut self, vm: &Vm, verb: &str, request: &Value) -> Option<std::result::Result<Value, String>>;
-    /// Background work (a transition waiting for a safe point); returns how
-    /// soon it wants to run again, `None` when idle.
-    fn tick(&mut self, _vm: &Vm) -> Option<std::time::Duration> {
-        None
-    }
+/// The verbs the VMM serves itself.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmmRequest {
+    /// vCPUs, run state, uptime, memory, console bytes written.
+    Status {},
+    /// Stop every vCPU and hold them until `resume` (no guest code runs).
+    Pause {},
+    /// End a `pause`.
+    Resume {},
+    /// End the VM.
+    Shutdown {},
+    /// Write a snapshot (memory, vCPUs, devices, the patcher's state) to `dir`.
+    Snapshot { dir: PathBuf },
+    /// Read guest-physical memory (at most 1 MiB).
+    ReadMemory { addr: u64, len: u64 },
+}
+
+/// Verbs of [`VmmRequest`].
+pub const VMM_VERBS: &[&str] = &["status", "pause", "resume", "shutdown", "snapshot", "read_memory"];
+
+/// A reply now or later.
+pub enum Handled {
+    /// The answer.
+    Now(std::result::Result<Value, String>),
+    /// Long work runs on another thread; its answer arrives here.
+    Later(Receiver<std::result::Result<Value, String>>),
+}
+
+/// Serves the verbs this crate does not know (introspection and patching
+/// live in other crates). Called on the control loop's thread: it must hand
+/// anything long to another thread and answer with [`Handled::Later`].
+pub trait ApiExtension: Send + Sync {
+    /// The verbs it serves.
+    fn verbs(&self) -> Vec<&'static str>;
+    /// Serves one request whose verb is one of `verbs()`.
+    fn handle(&self, vm: &Arc<Vm>, request: &Value) -> Handled;
+    /// Runs `save` with the extension's state (what it changed in the guest
+    /// from outside) while that state cannot change, so the state and the
+    /// VM's memory in a snapshot belong to one moment. Called off the loop.
+    fn with_state(
+        &self,
+        save: &mut dyn FnMut(Option<&Value>) -> std::result::Result<Value, String>,
+    ) -> std::result::Result<Value, String>;
+    /// The VM is ending: stop background work.
+    fn shutdown(&self) {}
 }
 
 /// An extension that knows no verbs.
 pub struct NoExtension;
 
 impl ApiExtension for NoExtension {
-    fn handle(&mut self, _: &Vm, _: &str, _: &Value) -> Option<std::result::Result<Value, String>> {
-        None
+    fn verbs(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    fn handle(&self, _: &Arc<Vm>, request: &Value) -> Handled {
+        Handled::Now(Err(format!("unknown verb {}", request.get("verb").unwrap_or(&Value::Null))))
+    }
+    fn with_state(
+        &self,
+        save: &mut dyn FnMut(Option<&Value>) -> std::result::Result<Value, String>,
+    ) -> std::result::Result<Value, String> {
+        save(None)
     }
 }
 
 struct Client {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// The reply to this client's running request, when it comes later.
+    waiting: Option<Receiver<std::result::Result<Value, String>>>,
+    /// Requests that arrived while one was running, in order.
+    queued: VecDeque<Vec<u8>>,
 }
 
 /// Terminal settings restored when the loop ends.
@@ -89,23 +149,22 @@ impl Drop for RawTerminal {
 
 /// Everything the main loop owns.
 pub struct Controller {
-    vm: Vm,
+    vm: Arc<Vm>,
     listener: Option<UnixListener>,
     sock_path: Option<PathBuf>,
     clients: HashMap<RawFd, Client>,
     stdin_open: bool,
     stdin_is_tty: bool,
     escape: bool,
-    ext: Box<dyn ApiExtension>,
+    ext: Arc<dyn ApiExtension>,
     done: Option<VmExit>,
-    api_paused: bool,
 }
 
 const STDIN_FD: RawFd = 0;
 
 impl Controller {
     /// Takes ownership of a started VM. `api_sock` is created with mode 0600.
-    pub fn new(vm: Vm, api_sock: Option<&Path>, console_stdin: bool, ext: Box<dyn ApiExtension>) -> Result<Controller> {
+    pub fn new(vm: Arc<Vm>, api_sock: Option<&Path>, console_stdin: bool, ext: Arc<dyn ApiExtension>) -> Result<Controller> {
         let listener = match api_sock {
             None => None,
             Some(p) => {
@@ -134,7 +193,6 @@ impl Controller {
             escape: false,
             ext,
             done: None,
-            api_paused: false,
         })
     }
 
@@ -149,27 +207,78 @@ impl Controller {
             let done = ctl.borrow().done.clone();
             if let Some(why) = done {
                 drop(raw);
-                let mut c = ctl.borrow_mut();
+                let c = ctl.borrow_mut();
+                c.ext.shutdown();
                 c.vm.stop(why.clone());
                 if let Some(p) = &c.sock_path {
                     let _ = std::fs::remove_file(p);
                 }
                 return Ok(c.vm.exit_reason().unwrap_or(why));
             }
-            let wait_ms = {
-                let mut c = ctl.borrow_mut();
-                let Controller { ext, vm, .. } = &mut *c;
-                ext.tick(vm).map(|d| d.as_millis().clamp(1, 500) as i32).unwrap_or(500)
-            };
+            // Replies of long work are polled: often while some are due.
+            let wait_ms = if ctl.borrow().clients.values().any(|c| c.waiting.is_some()) { 2 } else { 500 };
             if let Err(e) = em.run_with_timeout(wait_ms) {
                 if !matches!(&e, event_manager::Error::Epoll(err) if err.errno() == libc::EINTR) {
                     return Err(VmmError::Config(format!("event loop: {e}")));
                 }
             }
             let mut c = ctl.borrow_mut();
+            c.deliver_late_replies();
             if c.done.is_none() {
                 if let Some(why) = c.vm.exit_reason() {
                     c.done = Some(why);
+                }
+            }
+        }
+    }
+
+    /// Sends the replies of long work that has ended, then serves what those
+    /// clients queued behind it.
+    fn deliver_late_replies(&mut self) {
+        let mut closed = Vec::new();
+        let fds: Vec<RawFd> = self.clients.iter().filter(|(_, c)| c.waiting.is_some()).map(|(fd, _)| *fd).collect();
+        for fd in fds {
+            let Some(c) = self.clients.get_mut(&fd) else { continue };
+            let Some(rx) = &c.waiting else { continue };
+            let reply = match rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) => continue,
+                Err(TryRecvError::Disconnected) => Err("the operation ended without a reply".to_string()),
+            };
+            c.waiting = None;
+            if send_reply(&mut c.stream, &reply_value(reply)).is_err() {
+                closed.push(fd);
+                continue;
+            }
+            if !self.serve_queued(fd) {
+                closed.push(fd);
+            }
+        }
+        for fd in closed {
+            // Dropping the stream closes the fd, which takes it out of epoll.
+            self.clients.remove(&fd);
+        }
+    }
+
+    /// Serves the queued lines of client `fd` until one is answered later.
+    /// False when the client is gone.
+    fn serve_queued(&mut self, fd: RawFd) -> bool {
+        loop {
+            let Some(c) = self.clients.get_mut(&fd) else { return false };
+            if c.waiting.is_some() {
+                return true;
+            }
+            let Some(line) = c.queued.pop_front() else { return true };
+            match self.handle_line(&line) {
+                Handled::Now(r) => {
+                    let Some(c) = self.clients.get_mut(&fd) else { return false };
+                    if send_reply(&mut c.stream, &reply_value(r)).is_err() {
+                        return false;
+                    }
+                }
+                Handled::Later(rx) => {
+                    let Some(c) = self.clients.get_mut(&fd) else { return false };
+                    c.waiting = Some(rx);
                 }
             }
         }
@@ -225,7 +334,7 @@ impl Controller {
                     }
                     let fd = stream.as_raw_fd();
                     if ops.add(Events::new_raw(fd, EventSet::IN | EventSet::READ_HANG_UP)).is_ok() {
-                        self.clients.insert(fd, Client { stream, buf: Vec::new() });
+                        self.clients.insert(fd, Client { stream, buf: Vec::new(), waiting: None, queued: VecDeque::new() });
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -236,7 +345,6 @@ impl Controller {
 
     fn on_client(&mut self, fd: RawFd, ops: &mut EventOps) {
         let mut close = false;
-        let mut lines = Vec::new();
         if let Some(c) = self.clients.get_mut(&fd) {
             let mut buf = [0u8; 8192];
             loop {
@@ -256,22 +364,19 @@ impl Controller {
             }
             while let Some(pos) = c.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = c.buf.drain(..=pos).collect();
-                lines.push(line);
+                c.queued.push_back(line);
             }
             if c.buf.len() > MAX_REQUEST {
                 c.buf.clear();
-                lines.push(Vec::new()); // answered as malformed
+                c.queued.push_back(Vec::new()); // answered as malformed
+            }
+            if c.queued.len() > MAX_QUEUED {
+                let _ = send_reply(&mut c.stream, &error_reply("too many requests queued behind a running one"));
+                close = true;
             }
         }
-        for line in lines {
-            let reply = self.handle_line(&line);
-            if let Some(c) = self.clients.get_mut(&fd) {
-                let mut text = reply.to_string();
-                text.push('\n');
-                if write_all_blocking(&mut c.stream, text.as_bytes()).is_err() {
-                    close = true;
-                }
-            }
+        if !close && !self.serve_queued(fd) {
+            close = true;
         }
         if close {
             if let Some(c) = self.clients.remove(&fd) {
@@ -280,76 +385,81 @@ impl Controller {
         }
     }
 
-    fn handle_line(&mut self, line: &[u8]) -> Value {
+    fn handle_line(&mut self, line: &[u8]) -> Handled {
         let text = String::from_utf8_lossy(line);
         let text = text.trim();
         let req: Value = match serde_json::from_str(text) {
             Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return error_reply("request must be a JSON object"),
-            Err(e) => return error_reply(&format!("malformed request: {e}")),
+            Ok(_) => return Handled::Now(Err("request must be a JSON object".into())),
+            Err(e) => return Handled::Now(Err(format!("malformed request: {e}"))),
         };
         let Some(verb) = req.get("verb").and_then(Value::as_str).map(str::to_owned) else {
-            return error_reply("request has no \"verb\" string");
+            return Handled::Now(Err("request has no \"verb\" string".into()));
         };
-        match self.dispatch(&verb, &req) {
-            Ok(v) => json!({"ok": true, "result": v}),
-            Err(e) => error_reply(&e),
+        if VMM_VERBS.contains(&verb.as_str()) {
+            return match serde_json::from_value::<VmmRequest>(req) {
+                Ok(r) => self.dispatch(r),
+                Err(e) => Handled::Now(Err(format!("{verb}: {e}"))),
+            };
+        }
+        if self.ext.verbs().contains(&verb.as_str()) {
+            return self.ext.handle(&self.vm, &req);
+        }
+        let mut all: Vec<&str> = VMM_VERBS.to_vec();
+        all.extend(self.ext.verbs());
+        Handled::Now(Err(format!("unknown verb {verb:?}; the verbs are {}", all.join(", "))))
+    }
+
+    fn dispatch(&mut self, req: VmmRequest) -> Handled {
+        let now = |r: std::result::Result<Value, String>| Handled::Now(r);
+        match req {
+            VmmRequest::Status {} => now(Ok(self.status())),
+            VmmRequest::Pause {} => now(self.vm.client_hold().map(|()| self.status()).map_err(|e| e.to_string())),
+            VmmRequest::Resume {} => {
+                self.vm.client_release();
+                now(Ok(self.status()))
+            }
+            VmmRequest::Shutdown {} => {
+                self.done = Some(VmExit::Shutdown);
+                now(Ok(json!({"state": "shutting down"})))
+            }
+            VmmRequest::Snapshot { dir } => {
+                // Writing guest memory takes a while: off the loop.
+                let (tx, rx) = mpsc::channel();
+                let (vm, ext) = (self.vm.clone(), self.ext.clone());
+                let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
+                    let r = ext.with_state(&mut |state| {
+                        let paused = vm.pause().map_err(|e| e.to_string())?;
+                        crate::snapshot::save(&paused, &dir, state).map_err(|e| e.to_string())?;
+                        drop(paused);
+                        Ok(json!({"dir": dir, "vcpus": vm.vcpu_count(), "format_version": crate::snapshot::FORMAT_VERSION,
+                                  "extension_state": state.is_some()}))
+                    });
+                    let _ = tx.send(r);
+                });
+                match spawned {
+                    Ok(_) => Handled::Later(rx),
+                    Err(e) => now(Err(format!("cannot start the snapshot thread: {e}"))),
+                }
+            }
+            VmmRequest::ReadMemory { addr, len } => now(self.read_memory(addr, len)),
         }
     }
 
-    fn dispatch(&mut self, verb: &str, req: &Value) -> std::result::Result<Value, String> {
-        match verb {
-            "status" => Ok(self.status()),
-            "pause" => {
-                if !self.api_paused {
-                    self.vm.pause_hold().map_err(|e| e.to_string())?;
-                    self.api_paused = true;
-                }
-                Ok(self.status())
-            }
-            "resume" => {
-                if self.api_paused {
-                    self.vm.resume_hold();
-                    self.api_paused = false;
-                }
-                Ok(self.status())
-            }
-            "shutdown" => {
-                self.done = Some(VmExit::Shutdown);
-                Ok(json!({"state": "shutting down"}))
-            }
-            "snapshot" => {
-                let dir = req
-                    .get("dir")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| "snapshot needs \"dir\"".to_string())?;
-                let paused = self.vm.pause().map_err(|e| e.to_string())?;
-                crate::snapshot::save(&paused, Path::new(dir)).map_err(|e| e.to_string())?;
-                drop(paused);
-                Ok(json!({"dir": dir, "vcpus": self.vm.vcpu_count()}))
-            }
-            "read_memory" => {
-                let addr = req.get("addr").and_then(Value::as_u64).ok_or("read_memory needs \"addr\"")?;
-                let len = req.get("len").and_then(Value::as_u64).ok_or("read_memory needs \"len\"")?;
-                if len > MAX_READ {
-                    return Err(format!("read_memory reads at most {MAX_READ} bytes"));
-                }
-                let paused = self.vm.pause().map_err(|e| e.to_string())?;
-                let mut buf = vec![0u8; len as usize];
-                use vm_memory::Bytes;
-                paused
-                    .memory()
-                    .read_slice(&mut buf, vm_memory::GuestAddress(addr))
-                    .map_err(|e| format!("guest-physical {addr:#x}+{len:#x}: {e}"))?;
-                drop(paused);
-                let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
-                Ok(json!({"addr": addr, "hex": hex}))
-            }
-            other => match self.ext.handle(&self.vm, other, req) {
-                Some(r) => r,
-                None => Err(format!("unknown verb {other:?}")),
-            },
+    fn read_memory(&self, addr: u64, len: u64) -> std::result::Result<Value, String> {
+        if len > MAX_READ {
+            return Err(format!("read_memory reads at most {MAX_READ} bytes"));
         }
+        let paused = self.vm.pause().map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; len as usize];
+        use vm_memory::Bytes;
+        paused
+            .memory()
+            .read_slice(&mut buf, vm_memory::GuestAddress(addr))
+            .map_err(|e| format!("guest-physical {addr:#x}+{len:#x}: {e}"))?;
+        drop(paused);
+        let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(json!({"addr": addr, "hex": hex}))
     }
 
     fn status(&self) -> Value {
@@ -357,12 +467,26 @@ impl Controller {
         json!({
             "vcpus": self.vm.vcpu_count(),
             "state": if self.vm.is_paused() { "paused" } else { "running" },
+            "held_by_client": self.vm.client_holds(),
             "uptime_secs": self.vm.uptime().as_secs_f64(),
             "console_bytes": self.vm.console_bytes(),
             "memory_mib": l.ram_end >> 20,
             "reserved_region": {"start": l.reserved_start(), "size": l.reserved_size},
         })
     }
+}
+
+fn reply_value(r: std::result::Result<Value, String>) -> Value {
+    match r {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => error_reply(&e),
+    }
+}
+
+fn send_reply(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut text = v.to_string();
+    text.push('\n');
+    write_all_blocking(s, text.as_bytes())
 }
 
 fn error_reply(msg: &str) -> Value {
@@ -440,5 +564,40 @@ impl ApiClient {
             return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "the VM closed the connection"));
         }
         serde_json::from_str(&reply).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> std::result::Result<VmmRequest, String> {
+        serde_json::from_str::<VmmRequest>(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn typed_requests_decode() {
+        assert!(matches!(parse(r#"{"verb":"status"}"#), Ok(VmmRequest::Status {})));
+        assert!(matches!(parse(r#"{"verb":"read_memory","addr":4096,"len":16}"#), Ok(VmmRequest::ReadMemory { addr: 4096, len: 16 })));
+        match parse(r#"{"verb":"snapshot","dir":"/tmp/x"}"#) {
+            Ok(VmmRequest::Snapshot { dir }) => assert_eq!(dir, PathBuf::from("/tmp/x")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_verbs_are_named() {
+        let e = parse(r#"{"verb":"status","verbose":true}"#).unwrap_err();
+        assert!(e.contains("verbose"), "{e}");
+        let e = parse(r#"{"verb":"snapshot","dri":"/tmp/x"}"#).unwrap_err();
+        assert!(e.contains("dri"), "{e}");
+        let e = parse(r#"{"verb":"read_memory","addr":"0x10","len":1}"#).unwrap_err();
+        assert!(e.contains("addr") || e.contains("invalid type"), "{e}");
+        let e = parse(r#"{"verb":"frobnicate"}"#).unwrap_err();
+        assert!(e.contains("frobnicate"), "{e}");
+        for v in VMM_VERBS {
+            let e = parse(&format!(r#"{{"verb":"{v}","bogus_field":1}}"#)).unwrap_err();
+            assert!(e.contains("bogus_field"), "{v}: {e}");
+        }
     }
 }

@@ -41,6 +41,10 @@ pub enum VmmError {
     Vcpu { index: usize, detail: String },
     #[error("the VM has stopped")]
     Stopped,
+    #[error("a client of the control API holds the VM paused: no guest code may run until it resumes")]
+    ClientHold,
+    #[error("{path}: snapshot format version {found}, but this hyperpatch reads only version {supported}")]
+    SnapshotVersion { path: PathBuf, found: u64, supported: u32 },
 }
 
 impl VmmError {

@@ -28,6 +28,8 @@ use crate::vm::{PausedVm, Vm};
 pub const FORMAT_VERSION: u32 = 2;
 const MEMORY_FILE: &str = "memory.bin";
 const STATE_FILE: &str = "state.json";
+/// What the control API's extension (the patcher) keeps of its own state.
+const EXTENSION_FILE: &str = "extension.json";
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -99,8 +101,10 @@ fn irqchip(vm: &Vm, id: u32) -> Result<kvm_irqchip> {
     Ok(c)
 }
 
-/// Writes a snapshot of the paused VM to `dir` (created if missing).
-pub fn save(paused: &PausedVm<'_>, dir: &Path) -> Result<()> {
+/// Writes a snapshot of the paused VM to `dir` (created if missing), with
+/// `extension`, the state of whatever changed the guest from outside (the
+/// patcher's patches, sites and transition), when there is one.
+pub fn save(paused: &PausedVm<'_>, dir: &Path, extension: Option<&serde_json::Value>) -> Result<()> {
     let vm = paused.vm();
     fs::create_dir_all(dir).map_err(|source| VmmError::File { path: dir.into(), source })?;
     let mut vcpus = Vec::new();
@@ -124,11 +128,61 @@ pub fn save(paused: &PausedVm<'_>, dir: &Path) -> Result<()> {
         serial,
     };
     write_memory(&vm.mem, vm.layout.total_size(), &dir.join(MEMORY_FILE))?;
+    let ext_path = dir.join(EXTENSION_FILE);
+    match extension {
+        Some(v) => {
+            let json = serde_json::to_vec(v).map_err(|e| VmmError::Snapshot(format!("encoding extension state: {e}")))?;
+            write_atomically(&ext_path, &json)?;
+        }
+        None => match fs::remove_file(&ext_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(VmmError::File { path: ext_path, source }),
+        },
+    }
+    // state.json last: a snapshot dir is complete once it exists.
     let json = serde_json::to_vec(&state).map_err(|e| VmmError::Snapshot(format!("encoding state: {e}")))?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    fs::write(&tmp, json).map_err(|source| VmmError::File { path: tmp.clone(), source })?;
-    fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|source| VmmError::File { path: tmp, source })?;
-    Ok(())
+    write_atomically(&dir.join(STATE_FILE), &json)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    fs::write(&tmp, bytes).map_err(|source| VmmError::File { path: tmp.clone(), source })?;
+    fs::rename(&tmp, path).map_err(|source| VmmError::File { path: tmp, source })
+}
+
+/// Reads `state.json`, refusing any format version but this one before
+/// the rest is decoded, so another version is never misread.
+fn read_state(dir: &Path) -> Result<VmState> {
+    #[derive(serde::Deserialize)]
+    struct VersionOnly {
+        version: u64,
+    }
+    let state_path = dir.join(STATE_FILE);
+    let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
+    let v: VersionOnly = serde_json::from_slice(&raw)
+        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
+    if v.version != u64::from(FORMAT_VERSION) {
+        return Err(VmmError::SnapshotVersion { path: state_path, found: v.version, supported: FORMAT_VERSION });
+    }
+    serde_json::from_slice(&raw)
+        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))
+}
+
+/// The extension state saved with the snapshot in `dir`, if any. Checks
+/// the snapshot's format version first.
+pub fn extension_state(dir: &Path) -> Result<Option<serde_json::Value>> {
+    read_state(dir)?;
+    let path = dir.join(EXTENSION_FILE);
+    match fs::read(&path) {
+        Ok(raw) => serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| VmmError::Snapshot(format!("{} is malformed: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(VmmError::File { path, source }),
+    }
 }
 
 /// Writes guest memory as a sparse file: all-zero pages are holes.
@@ -160,13 +214,7 @@ fn write_memory(mem: &GuestMemoryMmap, total: u64, path: &Path) -> Result<()> {
 
 /// Starts a VM from the snapshot in `dir`.
 pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
-    let state_path = dir.join(STATE_FILE);
-    let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
-    let state: VmState = serde_json::from_slice(&raw)
-        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
-    if state.version != FORMAT_VERSION {
-        return Err(VmmError::Snapshot(format!("snapshot version {} is not {}", state.version, FORMAT_VERSION)));
-    }
+    let state = read_state(dir)?;
     let n = state.vcpus.len();
     if n == 0 || n > usize::from(crate::vm::MAX_VCPUS) {
         return Err(VmmError::Snapshot(format!("snapshot has {n} vCPUs")));
@@ -220,10 +268,7 @@ pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Vm> {
 
 /// The registers of every vCPU in a snapshot, for offline introspection.
 pub fn load_vcpu_regs(dir: &Path) -> Result<Vec<crate::vm::VcpuRegs>> {
-    let state_path = dir.join(STATE_FILE);
-    let raw = fs::read(&state_path).map_err(|source| VmmError::File { path: state_path.clone(), source })?;
-    let state: VmState = serde_json::from_slice(&raw)
-        .map_err(|e| VmmError::Snapshot(format!("{} is not a hyperpatch snapshot: {e}", state_path.display())))?;
+    let state = read_state(dir)?;
     Ok(state
         .vcpus
         .iter()

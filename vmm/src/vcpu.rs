@@ -25,6 +25,15 @@ pub enum VmExit {
     Error(String),
 }
 
+/// Why a single step ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// One instruction executed; the vCPU is stopped again.
+    Stepped,
+    /// The guest asked for a reset while stepping.
+    Reset,
+}
+
 /// Pause/exit state shared by the controller and all vCPU threads.
 #[derive(Debug, Default)]
 pub struct RunState {
@@ -33,6 +42,14 @@ pub struct RunState {
     pub paused: usize,
     pub running_threads: usize,
     pub exit: Option<VmExit>,
+    /// A client of the control API holds the VM paused: no guest code may
+    /// run, not even one single step.
+    pub client_hold: bool,
+    /// A single step asked of a paused vCPU (its index), served by that
+    /// vCPU's own thread.
+    pub step_request: Option<usize>,
+    /// The answer to `step_request`: (vCPU index, outcome).
+    pub step_result: Option<(usize, Result<StepOutcome, String>)>,
 }
 
 /// The controller's handle on the vCPU threads' state.
@@ -125,6 +142,17 @@ impl VcpuThread {
                     st.paused += 1;
                     self.control.cond.notify_all();
                     while st.pause_requested && st.exit.is_none() {
+                        if st.step_request == Some(self.index) {
+                            // Served here, on this vCPU's own thread, while
+                            // the others stay paused.
+                            st.step_request = None;
+                            drop(st);
+                            let r = self.single_step();
+                            st = self.control.lock();
+                            st.step_result = Some((self.index, r));
+                            self.control.cond.notify_all();
+                            continue;
+                        }
                         st = self.control.cond.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                     st.paused -= 1;
@@ -143,6 +171,51 @@ impl VcpuThread {
         st.running_threads = st.running_threads.saturating_sub(1);
         drop(st);
         self.control.cond.notify_all();
+    }
+
+    /// Executes exactly one guest instruction (KVM single-step with
+    /// interrupts blocked), serving the port I/O it does on the way.
+    fn single_step(&self) -> Result<StepOutcome, String> {
+        let mut fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        let dbg = kvm_bindings::kvm_guest_debug {
+            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ,
+            ..Default::default()
+        };
+        fd.set_guest_debug(&dbg).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+        let mut result = Err("no debug exit after 64 exits".to_string());
+        for _ in 0..64 {
+            clear_immediate_exit();
+            match fd.run() {
+                Ok(VcpuExit::Debug(_)) => {
+                    result = Ok(StepOutcome::Stepped);
+                    break;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let a = self.bus.lock().unwrap_or_else(|e| e.into_inner()).write(port, data);
+                    if a == PioAction::Reset {
+                        result = Ok(StepOutcome::Reset);
+                        break;
+                    }
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Ok(other) => {
+                    result = Err(format!("unexpected exit while single-stepping: {other:?}"));
+                    break;
+                }
+                Err(e) => {
+                    result = Err(format!("KVM_RUN while single-stepping: {e}"));
+                    break;
+                }
+            }
+        }
+        let off = kvm_bindings::kvm_guest_debug::default();
+        fd.set_guest_debug(&off).map_err(|e| format!("KVM_SET_GUEST_DEBUG (off): {e}"))?;
+        result
     }
 
     /// One KVM_RUN; returns why the VM must end, if it must.

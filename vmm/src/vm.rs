@@ -19,6 +19,7 @@ use crate::devices::{ConsoleOut, PioBus, SerialConsole, SERIAL_IRQ};
 use crate::error::{Result, VmmError};
 use crate::layout::*;
 use crate::mptable;
+pub use crate::vcpu::StepOutcome;
 use crate::vcpu::{kick_handler, RunControl, VcpuThread, VmExit};
 
 /// Most vCPUs a VM may have.
@@ -92,7 +93,7 @@ pub struct Vm {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) layout: MemoryLayout,
     pub(crate) vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) control: Arc<RunControl>,
     pub(crate) bus: Arc<Mutex<PioBus>>,
     pub(crate) panicked: Arc<std::sync::atomic::AtomicBool>,
@@ -210,7 +211,7 @@ impl Vm {
             mem,
             layout,
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-            threads: Vec::new(),
+            threads: Mutex::new(Vec::new()),
             control: Arc::new(RunControl::new()?),
             bus: Arc::new(Mutex::new(bus)),
             panicked,
@@ -236,7 +237,7 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .spawn(move || t.run())
                 .map_err(VmmError::Io)?;
-            self.threads.push(h);
+            self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         }
         self.started = Instant::now();
         Ok(())
@@ -293,7 +294,7 @@ impl Vm {
     }
 
     fn kick_all(&self) {
-        for t in &self.threads {
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             // A thread that already ended cannot be signalled; that is fine.
             let _ = t.kill(kick_signal());
         }
@@ -365,20 +366,49 @@ impl Vm {
     }
 
     /// Ends the VM: stops and joins every vCPU thread.
-    pub fn stop(&mut self, why: VmExit) {
+    pub fn stop(&self, why: VmExit) {
         self.control.set_exit(why);
         self.kick_all();
-        for t in self.threads.drain(..) {
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// A client of the control API pauses the VM and holds it: no guest
+    /// code runs until `client_release`, not even a single step.
+    pub fn client_hold(&self) -> Result<()> {
+        self.pause_hold()?;
+        let mut st = self.control.lock();
+        if st.client_hold {
+            drop(st);
+            self.resume_hold();
+        } else {
+            st.client_hold = true;
+        }
+        Ok(())
+    }
+
+    /// Ends a client's hold (API `resume`).
+    pub fn client_release(&self) {
+        let mut st = self.control.lock();
+        if !st.client_hold {
+            return;
+        }
+        st.client_hold = false;
+        drop(st);
+        self.resume_hold();
+    }
+
+    /// Whether a client of the control API holds the VM paused.
+    pub fn client_holds(&self) -> bool {
+        self.control.lock().client_hold
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.stop(VmExit::Shutdown);
-        }
+        self.stop(VmExit::Shutdown);
     }
 }
 
@@ -428,62 +458,59 @@ impl PausedVm<'_> {
     }
 }
 
-/// Why a single step ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StepOutcome {
-    /// One instruction executed; the vCPU is stopped again.
-    Stepped,
-    /// The guest asked for a reset while stepping.
-    Reset,
-}
+/// How long a single step may take before it is reported as stuck.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PausedVm<'_> {
     /// Executes exactly one guest instruction on vCPU `index` while every
     /// other vCPU stays stopped (KVM single-step with interrupts blocked),
     /// serving the port I/O it does on the way. Used to step a vCPU out of a
     /// function that is being changed.
+    ///
+    /// The step runs on the vCPU's own thread (its KVM_RUN, its kick
+    /// signal), never on the caller's, and is refused while a client of the
+    /// control API holds the VM paused: that client was promised that no
+    /// guest code runs.
     pub fn single_step(&self, index: usize) -> Result<StepOutcome> {
-        let mut fd = self.vcpu(index)?;
-        let dbg = kvm_bindings::kvm_guest_debug {
-            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ,
-            ..Default::default()
-        };
-        let verr = |d: String| VmmError::Vcpu { index, detail: d };
-        fd.set_guest_debug(&dbg).map_err(|e| verr(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
-        let mut result = Err(verr("no debug exit after 64 exits".into()));
-        for _ in 0..64 {
-            fd.set_kvm_immediate_exit(0);
-            match fd.run() {
-                Ok(kvm_ioctls::VcpuExit::Debug(_)) => {
-                    result = Ok(StepOutcome::Stepped);
-                    break;
-                }
-                Ok(kvm_ioctls::VcpuExit::IoIn(port, data)) => {
-                    self.vm.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
-                }
-                Ok(kvm_ioctls::VcpuExit::IoOut(port, data)) => {
-                    let a = self.vm.bus.lock().unwrap_or_else(|e| e.into_inner()).write(port, data);
-                    if a == crate::devices::PioAction::Reset {
-                        result = Ok(StepOutcome::Reset);
-                        break;
-                    }
-                }
-                Ok(kvm_ioctls::VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(kvm_ioctls::VcpuExit::MmioWrite(..)) | Ok(kvm_ioctls::VcpuExit::Intr) => {}
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Ok(other) => {
-                    result = Err(verr(format!("unexpected exit while single-stepping: {other:?}")));
-                    break;
-                }
-                Err(e) => {
-                    result = Err(verr(format!("KVM_RUN while single-stepping: {e}")));
-                    break;
+        if index >= self.vm.vcpus.len() {
+            return Err(VmmError::Vcpu { index, detail: "no such vCPU".into() });
+        }
+        let mut st = self.vm.control.lock();
+        if st.client_hold {
+            return Err(VmmError::ClientHold);
+        }
+        if st.exit.is_some() {
+            return Err(VmmError::Stopped);
+        }
+        st.step_result = None;
+        st.step_request = Some(index);
+        drop(st);
+        self.vm.control.cond.notify_all();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut st = self.vm.control.lock();
+        loop {
+            if let Some((i, r)) = st.step_result.take() {
+                if i == index {
+                    return r.map_err(|detail| VmmError::Vcpu { index, detail });
                 }
             }
+            if st.exit.is_some() {
+                st.step_request = None;
+                return Err(VmmError::Stopped);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.step_request = None;
+                return Err(VmmError::Vcpu { index, detail: "single step did not finish within 5 s".into() });
+            }
+            let (g, _) = self
+                .vm
+                .control
+                .cond
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner());
+            st = g;
         }
-        let off = kvm_bindings::kvm_guest_debug::default();
-        fd.set_guest_debug(&off).map_err(|e| verr(format!("KVM_SET_GUEST_DEBUG (off): {e}")))?;
-        result
     }
 }
 
