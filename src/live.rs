@@ -147,6 +147,25 @@ pub enum PatchRequest {
     Reverse {},
 }
 
+/// `call`, typed: runs a guest kernel function in process context.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CallRequest {
+    /// `function` (a vmlinux symbol or `0x...`) with up to six `args`
+    /// (numbers, or strings passed as pointers to a NUL-terminated copy).
+    Call {
+        function: String,
+        #[serde(default)]
+        args: Vec<patcher::guest_call::CallArg>,
+        #[serde(default = "default_call_timeout")]
+        timeout_secs: f64,
+    },
+}
+
+fn default_call_timeout() -> f64 {
+    10.0
+}
+
 /// `dump`, typed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
@@ -161,6 +180,7 @@ type Reply = std::result::Result<Value, String>;
 enum Job {
     Inspect(crate::inspect::InspectRequest, Sender<Reply>),
     Dump(PathBuf, Sender<Reply>),
+    Call(CallRequest, Sender<Reply>),
     Patch(PatchRequest, Sender<Reply>),
 }
 
@@ -460,7 +480,7 @@ impl Shared {
         }
         for job in lock(&self.jobs).drain(..) {
             let tx = match job {
-                Job::Inspect(_, tx) | Job::Dump(_, tx) | Job::Patch(_, tx) => tx,
+                Job::Inspect(_, tx) | Job::Dump(_, tx) | Job::Patch(_, tx) | Job::Call(_, tx) => tx,
             };
             let _ = tx.send(Err("the VM is shutting down".into()));
         }
@@ -474,6 +494,10 @@ impl Shared {
             }
             Job::Dump(out, tx) => {
                 let r = vm.pause().map_err(anyhow::Error::from).and_then(|p| dump(&p, &out)).map(|()| json!({"out": out}));
+                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+            }
+            Job::Call(CallRequest::Call { function, args, timeout_secs }, tx) => {
+                let r = st.guest_call(vm, &function, &args, timeout_secs);
                 let _ = tx.send(r.map_err(|e| format!("{e:#}")));
             }
             Job::Patch(req, tx) => {
@@ -531,6 +555,47 @@ impl State {
         let Kernel { syms, btf, .. } = k;
         self.cache = Some((syms, btf));
         r
+    }
+
+    /// Runs guest function `function` with `args` in a kworker and waits
+    /// (at most `timeout_secs`) for its result. See `patcher::guest_call`.
+    fn guest_call(&mut self, vm: &Vm, function: &str, args: &[patcher::guest_call::CallArg], timeout_secs: f64) -> Result<Value> {
+        if !timeout_secs.is_finite() || timeout_secs <= 0.0 {
+            bail!("timeout_secs must be a positive number of seconds, not {timeout_secs}");
+        }
+        if vm.client_holds() {
+            bail!("a client holds the VM paused: a guest call runs guest code; resume first");
+        }
+        let t0 = Instant::now();
+        let paused = vm.pause()?;
+        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| {
+            let func = match function.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).with_context(|| format!("bad address {function}"))?,
+                None => k.syms.address_of(function, 0).with_context(|| format!("guest function {function}"))?,
+            };
+            Ok(p.queue_call(k, w, func, args)?)
+        })?;
+        drop(paused);
+        let apic = vm.apic_id(0).ok_or_else(|| anyhow!("the VM has no vCPU 0"))?;
+        vm.inject_msi(apic, vector)?;
+        let deadline = t0 + Duration::from_secs_f64(timeout_secs.min(3600.0));
+        let mem = LiveMemory(vm.memory());
+        loop {
+            if let Some(result) = patcher::guest_call::CallEngine::poll(&mem, &ticket)? {
+                return Ok(json!({
+                    "function": function, "addr": ticket.func, "result": result, "result_hex": format!("{:#x}", result as u64),
+                    "slot": ticket.slot, "round_trip_us": t0.elapsed().as_secs_f64() * 1e6,
+                }));
+            }
+            if Instant::now() >= deadline {
+                self.patcher.call_lost(&ticket);
+                return Err(PatchError::Call(patcher::guest_call::CallError::TimedOut { func: ticket.func, secs: timeout_secs, slot: ticket.slot }).into());
+            }
+            if vm.exit_reason().is_some() {
+                bail!("the VM stopped during the guest call");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     fn inspect(&mut self, vm: &Vm, req: &crate::inspect::InspectRequest) -> Result<Value> {
@@ -856,6 +921,7 @@ impl ApiExtension for GuestApi {
     fn verbs(&self) -> Vec<&'static str> {
         let mut v: Vec<&'static str> = crate::inspect::VERBS.to_vec();
         v.push("dump");
+        v.push("call");
         v.extend_from_slice(PATCH_VERBS);
         v
     }
@@ -866,6 +932,11 @@ impl ApiExtension for GuestApi {
         if crate::inspect::VERBS.contains(&verb) {
             match serde_json::from_value::<crate::inspect::InspectRequest>(request.clone()) {
                 Ok(r) => self.queue(Job::Inspect(r, tx)),
+                Err(e) => return Handled::Now(Err(format!("{verb}: {e}"))),
+            }
+        } else if verb == "call" {
+            match serde_json::from_value::<CallRequest>(request.clone()) {
+                Ok(r) => self.queue(Job::Call(r, tx)),
                 Err(e) => return Handled::Now(Err(format!("{verb}: {e}"))),
             }
         } else if verb == "dump" {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
+use crate::guest_call::{CallArg, CallEngine, CallTicket};
 use crate::link::{link, LinkedModule, SymbolResolver};
 use crate::module::{PatchModule, StateSpec};
 use crate::placement::{Allocation, AreaKind, Region};
@@ -177,6 +178,9 @@ pub struct Patcher {
     sites: BTreeMap<u64, SiteState>,
     next_id: u64,
     transition: Option<TaskTransition>,
+    /// The guest-call routines and slots, once a call has been made.
+    #[serde(default)]
+    calls: Option<CallEngine>,
 }
 
 /// Resolves symbols through guest kallsyms and module symbols.
@@ -280,6 +284,7 @@ impl Patcher {
             sites: BTreeMap::new(),
             next_id: 1,
             transition: None,
+            calls: None,
         }
     }
 
@@ -299,13 +304,54 @@ impl Patcher {
         self.sites.values()
     }
 
-    /// Adds the ORC tables of every placed patch to `u`, so stacks through
-    /// new code unwind reliably.
+    /// Adds the ORC tables of every placed patch (and of the guest-call
+    /// routines) to `u`, so stacks through new code unwind reliably.
     pub fn register_orc(&self, u: &mut Unwinder) {
         for p in &self.patches {
             if let Some((start, end, ips, entries)) = &p.linked.orc {
                 let _ = u.tables.add_host_table(*start, *end, ips.clone(), entries.clone());
             }
+        }
+        if let Some(c) = &self.calls {
+            let (start, end) = c.text_range();
+            let _ = u.tables.add_host_table(start, end, c.orc.0.clone(), c.orc.1.clone());
+        }
+    }
+
+    /// Queues a call of guest function `func` with `args` (every vCPU
+    /// stopped): the first call maps the region and places the routines.
+    /// The caller resumes the VM, sends vCPU 0 the MSI for the returned
+    /// vector, and polls the ticket (`CallEngine::poll`).
+    pub fn queue_call(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, func: u64, args: &[CallArg]) -> Result<(CallTicket, u8)> {
+        if self.calls.is_none() {
+            let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
+            let region = self.region(k)?;
+            let was_mapped = region.is_mapped();
+            region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57())?;
+            match CallEngine::place(k, w, region) {
+                Ok(c) => self.calls = Some(c),
+                Err(e) => {
+                    if !was_mapped {
+                        let _ = region.unmap(w);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let c = self.calls.as_mut().ok_or_else(|| PatchError::State("guest-call engine".into()))?;
+        let t = c.queue(k, w, func, args)?;
+        Ok((t, c.vector))
+    }
+
+    /// The guest-call routines and slots, once placed.
+    pub fn call_engine(&self) -> Option<&CallEngine> {
+        self.calls.as_ref()
+    }
+
+    /// A call did not finish in time: its slot is never used again.
+    pub fn call_lost(&mut self, t: &CallTicket) {
+        if let Some(c) = self.calls.as_mut() {
+            c.lose(t);
         }
     }
 

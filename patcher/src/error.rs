@@ -33,6 +33,8 @@ pub enum PatchError {
     Guest(#[from] introspect::IntrospectError),
     #[error("VM: {0}")]
     Vm(String),
+    #[error(transparent)]
+    Call(#[from] crate::guest_call::CallError),
 }
 
 /// Result alias for the patcher.

@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod error;
 pub mod guest;
+pub mod guest_call;
 pub mod link;
 pub mod module;
 pub mod placement;

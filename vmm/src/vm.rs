@@ -375,6 +375,32 @@ impl Vm {
         }
     }
 
+    /// Sends `vector` to the local APIC with ID `apic_id` as a fixed,
+    /// edge-triggered MSI (how hyperpatch raises the guest's own irq_work
+    /// interrupt for a guest call).
+    pub fn inject_msi(&self, apic_id: u8, vector: u8) -> Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000 | (u32::from(apic_id) << 12),
+            address_hi: 0,
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        match self.vm_fd.signal_msi(msi) {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => Err(VmmError::Vcpu { index: usize::from(apic_id), detail: format!("MSI vector {vector:#x} was not delivered (blocked by the guest)") }),
+            Err(e) => Err(VmmError::KvmIoctl { what: "KVM_SIGNAL_MSI", source: e }),
+        }
+    }
+
+    /// The APIC ID of vCPU `index`: the MP table gives vCPU i the APIC ID i.
+    pub fn apic_id(&self, index: usize) -> Option<u8> {
+        if index < self.vcpus.len() {
+            u8::try_from(index).ok()
+        } else {
+            None
+        }
+    }
+
     /// A client of the control API pauses the VM and holds it: no guest
     /// code runs until `client_release`, not even a single step.
     pub fn client_hold(&self) -> Result<()> {
