@@ -82,6 +82,8 @@ const STEP_BATCH: u32 = 20;
 const RETRY_DELAY: Duration = Duration::from_millis(5);
 /// Pause between checks of a per-task transition (Linux: every second).
 const TASK_CHECK_DELAY: Duration = Duration::from_millis(50);
+/// How long a module's init or exit may run.
+const MODULE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Version of the state this API saves in a snapshot (the patcher's own
 /// state carries [`patcher::engine::STATE_VERSION`] too).
 pub const SAVED_STATE_VERSION: u32 = 1;
@@ -100,9 +102,9 @@ pub enum PatchRequest {
     /// Apply the livepatch module at `path` from outside.
     Apply {
         path: PathBuf,
-        /// Overrides the module's `replace`.
+        /// Module parameters as insmod takes them (`name=value`).
         #[serde(default)]
-        replace: Option<bool>,
+        params: Vec<String>,
         #[serde(default)]
         force: bool,
         #[serde(default)]
@@ -188,7 +190,6 @@ enum Job {
 struct PendingOp {
     verb: String,
     target: String,
-    module: Option<PatchModule>,
     opts: ApplyOptions,
     start: Instant,
     timeout: Duration,
@@ -331,7 +332,7 @@ impl GuestApi {
     /// Starts the worker for a VM restored from a snapshot, with the state
     /// saved in it (`vmm::snapshot::extension_state`). A per-task transition
     /// that was running goes on; an operation that was only waiting for a
-    /// safe point had changed nothing and is reported as not carried over.
+    /// safe point waits on (an apply's module stays loaded meanwhile).
     pub fn restored(vm: &Arc<Vm>, saved: Value) -> Result<GuestApi> {
         #[derive(Deserialize)]
         struct Versions {
@@ -353,12 +354,19 @@ impl GuestApi {
         if s.patcher.reserved() != (l.reserved_start(), l.reserved_size) {
             bail!("the snapshot's patcher state is for another reserved region than the VM's");
         }
-        let mut finished = s.finished;
+        let finished = s.finished;
         let pending = match s.pending {
-            Some(op) if op.per_task && s.patcher.in_transition() == Some(op.target.as_str()) => Some(PendingOp {
+            Some(op) if op.per_task && s.patcher.in_transition() != Some(op.target.as_str()) => {
+                bail!("the snapshot's patcher state is inconsistent: {} {} runs a per-task transition the patcher does not know", op.verb, op.target)
+            }
+            Some(op) if op.verb == "apply" && s.patcher.staged().is_none() && !op.per_task => {
+                bail!("the snapshot's patcher state is inconsistent: apply {} waits without its module", op.target)
+            }
+            // A running transition goes on; a wait for a safe point too (an
+            // apply's module is loaded and kept in the patcher's state).
+            Some(op) => Some(PendingOp {
                 verb: op.verb,
                 target: op.target,
-                module: None,
                 opts: op.opts,
                 start: Instant::now(),
                 timeout: Duration::from_secs_f64(op.timeout_secs.clamp(0.0, 3600.0)),
@@ -366,23 +374,11 @@ impl GuestApi {
                 blockers: Vec::new(),
                 unwinder: None,
                 records: None,
-                remaining: Some(op.remaining.unwrap_or(0)),
+                remaining: if op.per_task { Some(op.remaining.unwrap_or(0)) } else { None },
                 force_now: false,
                 reverse_now: false,
                 waiters: Vec::new(),
             }),
-            Some(op) if op.per_task => bail!("the snapshot's patcher state is inconsistent: {} {} runs a per-task transition the patcher does not know", op.verb, op.target),
-            Some(op) => {
-                finished = Some(Finished {
-                    verb: op.verb.clone(),
-                    target: op.target.clone(),
-                    result: Err(format!(
-                        "{} {} was waiting for a safe point when the snapshot was taken; it had changed nothing in the guest and was not carried over: run it again",
-                        op.verb, op.target
-                    )),
-                });
-                None
-            }
             None if s.patcher.in_transition().is_some() => bail!("the snapshot's patcher state is inconsistent: a per-task transition without its operation"),
             None => None,
         };
@@ -558,38 +554,62 @@ impl State {
     }
 
     /// Runs guest function `function` with `args` in a kworker and waits
-    /// (at most `timeout_secs`) for its result. See `patcher::guest_call`.
+    /// (at most `timeout_secs`) for its result (the `call` verb).
     fn guest_call(&mut self, vm: &Vm, function: &str, args: &[patcher::guest_call::CallArg], timeout_secs: f64) -> Result<Value> {
         if !timeout_secs.is_finite() || timeout_secs <= 0.0 {
             bail!("timeout_secs must be a positive number of seconds, not {timeout_secs}");
         }
+        let t0 = Instant::now();
+        let func = match function.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).with_context(|| format!("bad address {function}"))?,
+            None => {
+                let paused = vm.pause()?;
+                self.with_kernel(&paused, |_, k, _| k.syms.address_of(function, 0).with_context(|| format!("guest function {function}")))?
+            }
+        };
+        let timeout = Duration::from_secs_f64(timeout_secs.min(3600.0));
+        match self.run_call_ticket(vm, func, args, timeout)? {
+            (ticket, Some(result)) => Ok(json!({
+                "function": function, "addr": func, "result": result, "result_hex": format!("{:#x}", result as u64),
+                "slot": ticket.slot, "round_trip_us": t0.elapsed().as_secs_f64() * 1e6,
+            })),
+            (ticket, None) => {
+                Err(PatchError::Call(patcher::guest_call::CallError::TimedOut { func, secs: timeout_secs, slot: ticket.slot }).into())
+            }
+        }
+    }
+
+    /// Runs guest function `func` in a kworker; its result, or `None` when
+    /// it did not return within `timeout` (its slot is then lost).
+    fn run_call(&mut self, vm: &Vm, func: u64, args: &[patcher::guest_call::CallArg], timeout: Duration) -> Result<Option<i64>> {
+        Ok(self.run_call_ticket(vm, func, args, timeout)?.1)
+    }
+
+    fn run_call_ticket(
+        &mut self,
+        vm: &Vm,
+        func: u64,
+        args: &[patcher::guest_call::CallArg],
+        timeout: Duration,
+    ) -> Result<(patcher::guest_call::CallTicket, Option<i64>)> {
         if vm.client_holds() {
             bail!("a client holds the VM paused: a guest call runs guest code; resume first");
         }
         let t0 = Instant::now();
         let paused = vm.pause()?;
-        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| {
-            let func = match function.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16).with_context(|| format!("bad address {function}"))?,
-                None => k.syms.address_of(function, 0).with_context(|| format!("guest function {function}"))?,
-            };
-            Ok(p.queue_call(k, w, func, args)?)
-        })?;
+        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| Ok(p.queue_call(k, w, func, args)?))?;
         drop(paused);
         let apic = vm.apic_id(0).ok_or_else(|| anyhow!("the VM has no vCPU 0"))?;
         vm.inject_msi(apic, vector)?;
-        let deadline = t0 + Duration::from_secs_f64(timeout_secs.min(3600.0));
+        let deadline = t0 + timeout;
         let mem = LiveMemory(vm.memory());
         loop {
             if let Some(result) = patcher::guest_call::CallEngine::poll(&mem, &ticket)? {
-                return Ok(json!({
-                    "function": function, "addr": ticket.func, "result": result, "result_hex": format!("{:#x}", result as u64),
-                    "slot": ticket.slot, "round_trip_us": t0.elapsed().as_secs_f64() * 1e6,
-                }));
+                return Ok((ticket, Some(result)));
             }
             if Instant::now() >= deadline {
                 self.patcher.call_lost(&ticket);
-                return Err(PatchError::Call(patcher::guest_call::CallError::TimedOut { func: ticket.func, secs: timeout_secs, slot: ticket.slot }).into());
+                return Ok((ticket, None));
             }
             if vm.exit_reason().is_some() {
                 bail!("the VM stopped during the guest call");
@@ -611,14 +631,14 @@ impl State {
             if op.remaining.is_none() && op.start.elapsed() >= op.timeout {
                 let (verb, target) = (op.verb.clone(), op.target.clone());
                 let secs = op.timeout.as_secs();
-                self.finish(Err(format!(
+                let _ = self.finish(vm, Err(format!(
                     "{verb} {target}: timed out after {secs} s while a client held the VM paused; nothing was changed"
                 )));
             }
             return Duration::from_millis(20);
         }
         if let Some(result) = self.attempt(vm) {
-            self.finish(result);
+            let _ = self.finish(vm, result);
             return Duration::from_millis(500);
         }
         if self.pending.as_ref().is_some_and(|p| p.remaining.is_some()) {
@@ -629,15 +649,104 @@ impl State {
     }
 
     /// The pending operation has ended: record it and answer its waiters.
-    fn finish(&mut self, result: Reply) {
-        let Some(op) = self.pending.take() else { return };
+    /// A failed apply's module runs its exit and is unplaced first.
+    fn finish(&mut self, vm: &Vm, result: Reply) -> Reply {
+        let Some(op) = self.pending.take() else { return result };
+        let result = match result {
+            Err(e) if op.verb == "apply" => Err(match self.unload_staged(vm) {
+                Ok(()) => e,
+                Err(u) => format!("{e}; then unloading the module: {u:#}"),
+            }),
+            other => other,
+        };
         if let Err(e) = &result {
             eprintln!("hyperpatch: {} {} failed: {e}", op.verb, op.target);
         }
         for w in &op.waiters {
             let _ = w.send(result.clone());
         }
-        self.finished = Some(Finished { verb: op.verb, target: op.target, result });
+        self.finished = Some(Finished { verb: op.verb, target: op.target, result: result.clone() });
+        result
+    }
+
+    /// Loads the module at `path` with `params` as the kernel's module
+    /// loader would: links and places it, sets its parameters, runs its
+    /// init in the guest and reads the klp_patch the init enabled. Returns
+    /// the module's name; on error nothing of it is left in the guest
+    /// (but what its init or exit did, and the memory of code that may
+    /// still run).
+    fn load_module(&mut self, vm: &Vm, path: &Path, params: &[String]) -> Result<String> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let shown = path.display().to_string();
+        let paused = vm.pause()?;
+        let m = self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?;
+        let info = self.with_kernel(&paused, |p, k, w| Ok(p.stage(k, w, &m, params)?));
+        drop(paused);
+        let info = match info {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = self.release_calls(vm);
+                return Err(e);
+            }
+        };
+        let Some(init) = info.init else {
+            self.unload_staged(vm)?;
+            bail!("{}: it has no init, so nothing calls klp_enable_patch()", m.name);
+        };
+        let ret = match self.run_call(vm, init, &[], MODULE_CALL_TIMEOUT)? {
+            Some(r) => r,
+            None => {
+                self.patcher.abandon_staged();
+                bail!(
+                    "{}: its init did not return within {} s; its memory stays reserved (the init may still run)",
+                    m.name,
+                    MODULE_CALL_TIMEOUT.as_secs()
+                );
+            }
+        };
+        let paused = vm.pause()?;
+        let read = self.with_kernel(&paused, |p, k, _| Ok(p.init_returned(k, &m, ret)?));
+        drop(paused);
+        if let Err(e) = read {
+            return Err(match self.unload_staged(vm) {
+                Ok(()) => e,
+                Err(u) => e.context(format!("then unloading it: {u:#}")),
+            });
+        }
+        Ok(m.name)
+    }
+
+    /// Runs the staged module's exit if its init succeeded, then unplaces
+    /// it; frees the guest-call routines when they are idle.
+    fn unload_staged(&mut self, vm: &Vm) -> Result<()> {
+        let Some(st) = self.patcher.staged().cloned() else { return Ok(()) };
+        if st.init_ok {
+            if let Some(exit) = st.exit {
+                if self.run_call(vm, exit, &[], MODULE_CALL_TIMEOUT)?.is_none() {
+                    self.patcher.abandon_staged();
+                    bail!("{}: its exit did not return within {} s; its memory stays reserved", st.name, MODULE_CALL_TIMEOUT.as_secs());
+                }
+            }
+        }
+        let paused = vm.pause()?;
+        self.patcher.unstage(&LiveWriter(paused.memory()))?;
+        drop(paused);
+        self.release_calls(vm)
+    }
+
+    /// Frees the guest-call routines if nothing uses them (see
+    /// `Patcher::release_calls_if_idle`).
+    fn release_calls(&mut self, vm: &Vm) -> Result<()> {
+        if self.patcher.call_engine().is_none() {
+            return Ok(());
+        }
+        let paused = vm.pause()?;
+        self.with_kernel(&paused, |p, k, w| {
+            let mut u = k.unwinder(&k.modules()?)?;
+            p.register_orc(&mut u);
+            p.release_calls_if_idle(k, w, &u)?;
+            Ok(())
+        })
     }
 
     /// One safe-point attempt of the pending operation, all vCPUs stopped.
@@ -717,7 +826,7 @@ impl State {
                 p.register_orc(&mut u);
                 op.unwinder = Some(u);
             }
-            if op.records.is_none() && op.module.is_some() {
+            if op.records.is_none() && op.verb == "apply" {
                 op.records = Some(k.ftrace_records()?);
             }
             let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
@@ -729,10 +838,10 @@ impl State {
                 }
                 return Ok(if op.force_now { p.force_transition(k, w, u)? } else { p.advance(k, w, u)? });
             }
-            Ok(match (&op.module, op.verb.as_str()) {
-                (Some(m), _) => p.apply(k, w, u, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, m, op.opts)?,
-                (None, "disable") => p.set_enabled(k, w, u, &op.target, false, op.opts.force, op.opts.per_task)?,
-                (None, _) => p.set_enabled(k, w, u, &op.target, true, op.opts.force, op.opts.per_task)?,
+            Ok(match op.verb.as_str() {
+                "apply" => p.apply(k, w, u, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, op.opts)?,
+                "disable" => p.set_enabled(k, w, u, &op.target, false, op.opts.force, op.opts.per_task)?,
+                _ => p.set_enabled(k, w, u, &op.target, true, op.opts.force, op.opts.per_task)?,
             })
         });
         self.pending = Some(op);
@@ -746,7 +855,7 @@ impl State {
     /// Runs a patch verb. Returns the reply channel back when the answer
     /// must wait for the pending operation to end.
     fn patch_job(&mut self, vm: &Vm, req: PatchRequest, tx: Sender<Reply>) -> Option<Sender<Reply>> {
-        let (verb, target, module, opts, timeout, wait) = match req {
+        let (verb, target, opts, timeout, wait) = match req {
             PatchRequest::List {} => {
                 let _ = tx.send(Err("list is served by the control loop".into()));
                 return None;
@@ -756,10 +865,24 @@ impl State {
                     if self.pending.as_ref().is_some_and(|p| p.target == name) {
                         bail!("patch {name} is in transition");
                     }
+                    // As rmmod: the module's exit runs once its patch is
+                    // disabled, then its memory is freed.
+                    let exit = self.patcher.exit_of(&name)?;
+                    let mut exit_ran = false;
+                    if let Some(exit) = exit {
+                        if self.run_call(vm, exit, &[], MODULE_CALL_TIMEOUT)?.is_none() {
+                            let paused = vm.pause()?;
+                            self.patcher.forget_keeping_memory(&name)?;
+                            drop(paused);
+                            bail!("{name}: its exit did not return within {} s; the patch is forgotten but its memory stays reserved", MODULE_CALL_TIMEOUT.as_secs());
+                        }
+                        exit_ran = true;
+                    }
                     let paused = vm.pause()?;
                     self.patcher.remove(&LiveWriter(paused.memory()), &name)?;
                     drop(paused);
-                    Ok(json!({"removed": name, "reserved_used": self.patcher.reserved_used()}))
+                    self.release_calls(vm)?;
+                    Ok(json!({"removed": name, "exit_ran": exit_ran, "reserved_used": self.patcher.reserved_used()}))
                 })();
                 let _ = tx.send(r.map_err(|e| format!("{e:#}")));
                 return None;
@@ -787,7 +910,7 @@ impl State {
                 }
                 match self.attempt(vm) {
                     Some(r) => {
-                        self.finish(r.clone());
+                        let r = self.finish(vm, r);
                         let _ = tx.send(r);
                     }
                     None => {
@@ -796,28 +919,28 @@ impl State {
                 }
                 return None;
             }
-            PatchRequest::Apply { path, replace, force, skip_callbacks, per_task, timeout_secs, wait } => {
-                let m = (|| -> Result<PatchModule> {
-                    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                    let paused = vm.pause()?;
-                    let shown = path.display().to_string();
-                    self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))
-                })();
-                let m = match m {
-                    Ok(m) => m,
+            PatchRequest::Apply { path, params, force, skip_callbacks, per_task, timeout_secs, wait } => {
+                if let Some(p) = &self.pending {
+                    let _ = tx.send(Err(format!("{} {} is still running; try again when it ends", p.verb, p.target)));
+                    return None;
+                }
+                if !timeout_secs.is_finite() || timeout_secs < 0.0 {
+                    let _ = tx.send(Err(format!("timeout_secs must be a non-negative number of seconds, not {timeout_secs}")));
+                    return None;
+                }
+                match self.load_module(vm, &path, &params) {
+                    Ok(name) => ("apply", name, ApplyOptions { force, skip_callbacks, per_task }, timeout_secs, wait),
                     Err(e) => {
                         let _ = tx.send(Err(format!("{e:#}")));
                         return None;
                     }
-                };
-                let name = m.name.clone();
-                ("apply", name, Some(m), ApplyOptions { replace, force, skip_callbacks, per_task }, timeout_secs, wait)
+                }
             }
             PatchRequest::Disable { name, force, per_task, timeout_secs, wait } => {
-                ("disable", name, None, ApplyOptions { replace: None, force, skip_callbacks: false, per_task }, timeout_secs, wait)
+                ("disable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
             }
             PatchRequest::Enable { name, force, per_task, timeout_secs, wait } => {
-                ("enable", name, None, ApplyOptions { replace: None, force, skip_callbacks: false, per_task }, timeout_secs, wait)
+                ("enable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
             }
         };
         if let Some(p) = &self.pending {
@@ -832,7 +955,6 @@ impl State {
         self.pending = Some(PendingOp {
             verb: verb.to_string(),
             target,
-            module,
             opts,
             start: Instant::now(),
             timeout: Duration::from_secs_f64(timeout.min(3600.0)),
@@ -854,7 +976,7 @@ impl State {
                 let mut u = k.unwinder(&k.modules()?)?;
                 p.register_orc(&mut u);
                 op.unwinder = Some(u);
-                if op.module.is_some() {
+                if op.verb == "apply" {
                     op.records = Some(k.ftrace_records()?);
                 }
                 Ok(())
@@ -864,7 +986,11 @@ impl State {
         })();
         if let Err(e) = prep {
             self.pending = None;
-            let _ = tx.send(Err(format!("{e:#}")));
+            let e = match self.unload_staged(vm) {
+                Ok(()) => format!("{e:#}"),
+                Err(u) => format!("{e:#}; then unloading the module: {u:#}"),
+            };
+            let _ = tx.send(Err(e));
             return None;
         }
         if vm.client_holds() {
@@ -877,7 +1003,7 @@ impl State {
             return None;
         }
         if let Some(r) = self.attempt(vm) {
-            self.finish(r.clone());
+            let r = self.finish(vm, r);
             let _ = tx.send(r);
             return None;
         }

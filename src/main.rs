@@ -71,9 +71,9 @@ enum Cmd {
     /// Apply a livepatch module (.ko) to the running guest from outside.
     Apply {
         module: PathBuf,
-        /// Atomic replace (the module's init would set it from a parameter).
-        #[arg(long)]
-        replace: bool,
+        /// Module parameters as insmod takes them (`replace=1`,
+        /// `pre_patch_ret=-19`), set through the module's own parameter table.
+        params: Vec<String>,
         /// Switch even when a changed function is on a stack (unsafe).
         #[arg(long)]
         force: bool,
@@ -197,12 +197,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let dir = absolute(&dir)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
         }
-        Cmd::Apply { module, replace, force, skip_callbacks, timeout } => {
+        Cmd::Apply { module, params, force, skip_callbacks, timeout } => {
             let path = absolute(&module)?;
-            let mut req = json!({"verb": "apply", "path": path, "force": force, "skip_callbacks": skip_callbacks, "timeout_secs": timeout});
-            if replace {
-                req["replace"] = json!(true);
-            }
+            let req = json!({"verb": "apply", "path": path, "params": params, "force": force, "skip_callbacks": skip_callbacks, "timeout_secs": timeout});
             patch_verb(cli.api_sock.as_deref(), req, cli.json)
         }
         Cmd::Disable { name, force, timeout } => patch_verb(

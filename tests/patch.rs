@@ -94,7 +94,7 @@ fn func_stack_newest_enabled_wins_in_every_order() {
     // Two patches of different functions: both apply.
     let mem_orig = read_meminfo_first(&mut g);
     apply(&g, "livepatch-sample.ko", json!({}));
-    apply(&g, "test_klp_atomic_replace.ko", json!({"replace": false}));
+    apply(&g, "test_klp_atomic_replace.ko", json!({"params": ["replace=0"]}));
     assert_eq!(read_cmdline(&mut g), sample);
     assert_eq!(read_meminfo_first(&mut g), "test_klp_atomic_replace: this has been live patched");
     g.api_ok(json!({"verb": "disable", "name": "test_klp_atomic_replace", "wait": true}));

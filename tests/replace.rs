@@ -23,7 +23,7 @@ fn replace_nops_other_functions_and_drops_replaced_patches() {
     apply(&g, "livepatch-sample.ko", json!({}));
     assert_eq!(line(&mut g, "/proc/cmdline"), "this has been live patched");
     // A replacing patch that changes a different function.
-    apply(&g, "test_klp_atomic_replace.ko", json!({"replace": true}));
+    apply(&g, "test_klp_atomic_replace.ko", json!({"params": ["replace=1"]}));
     assert_eq!(line(&mut g, "/proc/cmdline"), cmd_orig, "the nop sends cmdline_proc_show to the original code");
     assert_eq!(line(&mut g, "/proc/meminfo"), "test_klp_atomic_replace: this has been live patched");
     let l = g.api_ok(json!({"verb": "list"}));
@@ -45,7 +45,7 @@ fn non_replacing_patches_stack() {
     let mut g = Guest::restore("noreplace", &snap);
     g.wait_api();
     apply(&g, "livepatch-sample.ko", json!({}));
-    apply(&g, "test_klp_atomic_replace.ko", json!({"replace": false}));
+    apply(&g, "test_klp_atomic_replace.ko", json!({"params": ["replace=0"]}));
     assert_eq!(line(&mut g, "/proc/cmdline"), "this has been live patched");
     assert_eq!(line(&mut g, "/proc/meminfo"), "test_klp_atomic_replace: this has been live patched");
     assert_eq!(g.api_ok(json!({"verb": "list"}))["patches"].as_array().unwrap().len(), 2);

@@ -32,7 +32,7 @@ fn soak_apply_replace_disable_under_load_on_every_vcpu() {
     };
     for c in 0..cycles {
         g.api_ok(w(json!({"verb": "apply", "path": module("livepatch-sample.ko")})));
-        g.api_ok(w(json!({"verb": "apply", "path": module("test_klp_atomic_replace.ko"), "replace": true})));
+        g.api_ok(w(json!({"verb": "apply", "path": module("test_klp_atomic_replace.ko"), "params": ["replace=1"]})));
         let l = g.api_ok(json!({"verb": "list"}));
         assert_eq!(l["patches"].as_array().unwrap().len(), 1, "cycle {c}: {l}");
         g.api_ok(w(json!({"verb": "disable", "name": "test_klp_atomic_replace"})));

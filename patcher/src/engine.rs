@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
 use crate::guest_call::{CallArg, CallEngine, CallTicket};
-use crate::link::{link, LinkedModule, SymbolResolver};
-use crate::module::{PatchModule, StateSpec};
+use crate::link::{LinkedModule, SymbolResolver};
+use crate::lifecycle::Staged;
+use crate::module::{PatchSpec, StateSpec};
 use crate::placement::{Allocation, AreaKind, Region};
 
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
@@ -24,8 +25,6 @@ const FTRACE_FL_DISABLED: u64 = 1 << 25;
 /// Options of `apply`.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct ApplyOptions {
-    /// Overrides the module's `replace` (its init, which would set it, does not run).
-    pub replace: Option<bool>,
     /// Switch even when a changed function is on a stack (unsafe, logged).
     pub force: bool,
     /// Apply a module whose objects have callbacks without running them.
@@ -61,6 +60,14 @@ pub struct Patch {
     pub states: Vec<StateSpec>,
     pub funcs: Vec<PatchedFunc>,
     linked: LinkedModule,
+    /// The module's exit (run at remove), its `__this_module`, and the
+    /// klp_patch its init enabled.
+    #[serde(default)]
+    pub exit: Option<u64>,
+    #[serde(default)]
+    pub this_module: u64,
+    #[serde(default)]
+    pub spec: Option<PatchSpec>,
 }
 
 /// A call site hyperpatch owns.
@@ -174,22 +181,33 @@ pub struct Patcher {
     reserved_phys: u64,
     reserved_size: u64,
     region: Option<Region>,
-    patches: Vec<Patch>,
+    pub(crate) patches: Vec<Patch>,
     sites: BTreeMap<u64, SiteState>,
     next_id: u64,
     transition: Option<TaskTransition>,
     /// The guest-call routines and slots, once a call has been made.
     #[serde(default)]
-    calls: Option<CallEngine>,
+    pub(crate) calls: Option<CallEngine>,
+    /// A module being loaded (placed, its init run or running).
+    #[serde(default)]
+    pub(crate) staged: Option<Staged>,
+    /// Memory of modules whose code may still run: never freed.
+    #[serde(default)]
+    pub(crate) lost: Vec<Allocation>,
 }
 
-/// Resolves symbols through guest kallsyms and module symbols.
-struct GuestResolver<'a, 'm> {
-    k: &'a Kernel<'m>,
+/// Resolves symbols through guest kallsyms and module symbols;
+/// `klp_enable_patch` goes to hyperpatch's hook when one is given.
+pub(crate) struct GuestResolver<'a, 'm> {
+    pub k: &'a Kernel<'m>,
+    pub klp_enable_patch: Option<u64>,
 }
 
 impl SymbolResolver for GuestResolver<'_, '_> {
     fn resolve(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64> {
+        if let (None, "klp_enable_patch", Some(hook)) = (object, name, self.klp_enable_patch) {
+            return Ok(hook);
+        }
         match object {
             None => match self.k.syms.address_of(name, sympos as u32) {
                 Ok(a) => Ok(a),
@@ -285,6 +303,8 @@ impl Patcher {
             next_id: 1,
             transition: None,
             calls: None,
+            staged: None,
+            lost: Vec::new(),
         }
     }
 
@@ -323,21 +343,7 @@ impl Patcher {
     /// The caller resumes the VM, sends vCPU 0 the MSI for the returned
     /// vector, and polls the ticket (`CallEngine::poll`).
     pub fn queue_call(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, func: u64, args: &[CallArg]) -> Result<(CallTicket, u8)> {
-        if self.calls.is_none() {
-            let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
-            let region = self.region(k)?;
-            let was_mapped = region.is_mapped();
-            region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57())?;
-            match CallEngine::place(k, w, region) {
-                Ok(c) => self.calls = Some(c),
-                Err(e) => {
-                    if !was_mapped {
-                        let _ = region.unmap(w);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        self.ensure_calls(k, w)?;
         let c = self.calls.as_mut().ok_or_else(|| PatchError::State("guest-call engine".into()))?;
         let t = c.queue(k, w, func, args)?;
         Ok((t, c.vector))
@@ -355,9 +361,38 @@ impl Patcher {
         }
     }
 
-    /// Bytes of the reserved region in use.
+    /// Bytes of the reserved region patches and modules use (the
+    /// guest-call routines not counted).
     pub fn reserved_used(&self) -> u64 {
-        self.region.as_ref().map(|r| r.used_bytes()).unwrap_or(0)
+        self.region.as_ref().map(|r| r.used_bytes()).unwrap_or(0).saturating_sub(self.engine_bytes())
+    }
+
+    /// The region, once planned.
+    pub(crate) fn region_mut(&mut self) -> Result<&mut Region> {
+        self.region.as_mut().ok_or_else(|| PatchError::State("the reserved region is not planned yet".into()))
+    }
+
+    /// Maps the region and places the guest-call routines if not yet done.
+    pub(crate) fn ensure_calls(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter) -> Result<()> {
+        if self.calls.is_some() {
+            return Ok(());
+        }
+        let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
+        let region = self.region(k)?;
+        let was_mapped = region.is_mapped();
+        region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57())?;
+        match CallEngine::place(k, w, region) {
+            Ok(c) => {
+                self.calls = Some(c);
+                Ok(())
+            }
+            Err(e) => {
+                if !was_mapped {
+                    let _ = region.unmap(w);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Whether the reserved region is mapped into the guest.
@@ -539,33 +574,37 @@ impl Patcher {
         Ok(n)
     }
 
-    /// Applies `m` at one safe point (all vCPUs stopped by the caller).
-    /// Blocked: nothing in the guest changed; call again after resuming.
+    /// Applies the staged module's patch (its init has run and enabled it)
+    /// at one safe point (all vCPUs stopped by the caller). Blocked:
+    /// nothing in the guest changed; call again after resuming. On success
+    /// the staged module becomes a patch; on error it stays staged for the
+    /// caller to run its exit and unstage it.
     pub fn apply(
         &mut self,
         k: &Kernel<'_>,
         w: &dyn GuestWriter,
         u: &Unwinder,
         records: &introspect::ftrace::FtraceRecords,
-        m: &PatchModule,
         opts: ApplyOptions,
     ) -> Result<Outcome> {
-        if self.patches.iter().any(|p| p.name == m.name) {
-            return Err(PatchError::Duplicate(m.name.clone()));
+        let staged = self.staged.clone().ok_or_else(|| PatchError::State("no module is loaded to apply".into()))?;
+        let spec = staged.spec.clone().ok_or_else(|| PatchError::State(format!("{}: its klp_patch was not read", staged.name)))?;
+        if self.patches.iter().any(|p| p.name == staged.name) {
+            return Err(PatchError::Duplicate(staged.name.clone()));
         }
-        let replace = opts.replace.unwrap_or(m.spec.replace);
-        if m.spec.objects.iter().any(|o| o.has_callbacks) && !opts.skip_callbacks {
+        let replace = spec.replace;
+        if spec.objects.iter().any(|o| o.callbacks.any()) && !opts.skip_callbacks {
             return Err(PatchError::State(format!(
-                "{} has klp callbacks, which hyperpatch does not run; apply with skip_callbacks (--skip-callbacks) to apply it without them",
-                m.name
+                "{} has klp callbacks, which hyperpatch does not run yet; apply with skip_callbacks (--skip-callbacks) to apply it without them",
+                staged.name
             )));
         }
-        self.check_states(&m.name, &m.spec.states, replace)?;
+        self.check_states(&staged.name, &spec.states, replace)?;
         // Resolve every function and check its site before touching anything.
         let guest_klp = k.klp_patches()?;
         let mut funcs = Vec::new();
         let mut new_sites: Vec<SiteState> = Vec::new();
-        for obj in &m.spec.objects {
+        for obj in &spec.objects {
             for f in &obj.funcs {
                 let (old_addr, old_size) = match &obj.name {
                     None => {
@@ -644,53 +683,17 @@ impl Patcher {
         if self.transition.is_some() {
             return Err(PatchError::State("a per-task transition is still running".into()));
         }
-        // Place and link.
-        let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
-        let resolver = GuestResolver { k };
-        let region = self.region(k)?;
-        let linked = link(m, region, &resolver)?;
-        let was_mapped = region.is_mapped();
-        let undo = |region: &mut Region, w: &dyn GuestWriter, linked: &LinkedModule| {
-            for (pa, bytes) in &linked.images {
-                let _ = w.write_phys(*pa, &vec![0u8; bytes.len()]);
-            }
-            for a in &linked.allocations {
-                region.free(a);
-            }
-            if !was_mapped {
-                let _ = region.unmap(w);
-            }
-        };
-        if let Err(e) = region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57()) {
-            undo(region, w, &linked);
-            return Err(e);
-        }
-        for (pa, bytes) in &linked.images {
-            if let Err(e) = w.write_phys(*pa, bytes) {
-                undo(region, w, &linked);
-                return Err(e);
-            }
-        }
+        // The module is placed (staged); its new functions are in it.
+        let linked = staged.linked.clone();
         let mut pfuncs = Vec::new();
         for (f, object, old_addr, old_size, site) in &funcs {
             let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
                 name: f.old_name.clone(),
                 detail: "new function's section was not placed".into(),
-            });
-            let new_addr = match new_addr {
-                Ok(a) => a,
-                Err(e) => {
-                    let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
-                    undo(region, w, &linked);
-                    return Err(e);
-                }
-            };
-            let new_size = m
-                .symbols
-                .iter()
-                .find(|s| s.section == Some(f.new_section) && s.value == f.new_offset && s.size > 0)
-                .map(|s| s.size)
-                .unwrap_or(1);
+            })?;
+            if f.new_size == 0 {
+                return Err(PatchError::Function { name: f.new_symbol.clone(), detail: "its size is unknown".into() });
+            }
             pfuncs.push(PatchedFunc {
                 object: object.clone(),
                 old_name: f.old_name.clone(),
@@ -700,7 +703,7 @@ impl Patcher {
                 site: *site,
                 new_symbol: f.new_symbol.clone(),
                 new_addr,
-                new_size,
+                new_size: f.new_size,
             });
         }
         for s in &new_sites {
@@ -708,14 +711,17 @@ impl Patcher {
         }
         let patch = Patch {
             id: self.next_id,
-            name: m.name.clone(),
-            path: m.path.clone(),
+            name: staged.name.clone(),
+            path: staged.path.clone(),
             enabled: true,
             replace,
             forced: !blockers.is_empty(),
-            states: m.spec.states.clone(),
+            states: spec.states.clone(),
             funcs: pfuncs,
             linked: linked.clone(),
+            exit: staged.exit,
+            this_module: staged.this_module,
+            spec: Some(spec.clone()),
         };
         self.patches.push(patch);
         let mut desired = Self::desired(&self.patches);
@@ -729,13 +735,14 @@ impl Patcher {
             }
         }
         let switched = if per_task {
-            self.start_task_transition(k, w, u, &m.name, desired, ranges, None, replace)
+            self.start_task_transition(k, w, u, &staged.name, desired, ranges, None, replace)
         } else {
             self.switch_sites(k, w, &desired).map(|n| Outcome::Switched { sites: n, forced: !blockers.is_empty() })
         };
         match switched {
             Ok(outcome) => {
                 self.next_id += 1;
+                self.staged = None;
                 if replace && matches!(outcome, Outcome::Switched { .. }) && !per_task {
                     self.drop_replaced(w)?;
                 }
@@ -745,9 +752,6 @@ impl Patcher {
                 self.patches.pop();
                 for s in &new_sites {
                     self.sites.remove(&s.site);
-                }
-                if let Some(region) = self.region.as_mut() {
-                    undo(region, w, &linked);
                 }
                 Err(e)
             }
@@ -1091,6 +1095,30 @@ impl Patcher {
             self.patches[i].forced = true;
         }
         Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+    }
+
+    /// The exit function of patch `name`, which must be disabled (`remove`
+    /// runs it before freeing the patch, as rmmod does).
+    pub fn exit_of(&self, name: &str) -> Result<Option<u64>> {
+        let i = self.index(name)?;
+        if self.patches[i].enabled {
+            return Err(PatchError::State(format!("patch {name} is enabled: disable it first")));
+        }
+        Ok(self.patches[i].exit)
+    }
+
+    /// Forgets disabled patch `name` whose code may still run (its exit did
+    /// not return): its memory is never freed.
+    pub fn forget_keeping_memory(&mut self, name: &str) -> Result<()> {
+        let i = self.index(name)?;
+        if self.patches[i].enabled {
+            return Err(PatchError::State(format!("patch {name} is enabled: disable it first")));
+        }
+        let p = self.patches.remove(i);
+        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
+        self.sites.retain(|site, _| still.contains(site));
+        self.lost.extend(p.linked.allocations);
+        Ok(())
     }
 
     /// Forgets a disabled patch and frees (zeroes) its guest memory; unmaps

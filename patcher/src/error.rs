@@ -21,6 +21,12 @@ pub enum PatchError {
     NoRoom { kind: String, needed: u64 },
     #[error("mapping the reserved region: {0}")]
     Mapping(String),
+    #[error("{module}: {detail}")]
+    Param { module: String, detail: String },
+    #[error("{module}: {detail}")]
+    Lifecycle { module: String, detail: String },
+    #[error("the klp_patch in guest memory at {addr:#x}: {detail}")]
+    GuestPatch { addr: u64, detail: String },
     #[error("no patch named {0:?}")]
     NoPatch(String),
     #[error("patch {0:?} is already applied")]

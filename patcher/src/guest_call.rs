@@ -62,6 +62,13 @@ const OFF_RESULT: u64 = 64;
 const OFF_IRQ_WORK: u64 = 128;
 /// String arguments live here, NUL-terminated.
 const OFF_SCRATCH: u64 = 320;
+/// After the slots: the `klp_enable_patch` hook's call count and argument.
+const HOOK_COUNT: u64 = SLOT_SIZE * SLOTS as u64;
+const HOOK_PTR: u64 = HOOK_COUNT + 8;
+const DATA_SIZE: u64 = HOOK_COUNT + 64;
+/// `-EBUSY` (errno values are the kernel's ABI), what the hook returns to a
+/// second `klp_enable_patch()`.
+const EBUSY: i32 = 16;
 
 /// One argument of a guest call.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +133,8 @@ pub struct CallEngine {
     layout: Layout,
     irq_fn: u64,
     work_fn: u64,
+    /// hyperpatch's `klp_enable_patch()`: records its argument for the host.
+    pub hook_fn: u64,
     /// IDT vector of the guest's irq_work interrupt.
     pub vector: u8,
     /// CPU 0's `raised_list`.
@@ -258,15 +267,15 @@ impl CallEngine {
         let vector = Self::irq_work_vector(k)?;
         let raised_list = k.per_cpu("raised_list", 0)?;
         let text = region.alloc(AreaKind::Text, 256, 64)?;
-        let data = match region.alloc(AreaKind::Data, SLOT_SIZE * SLOTS as u64, 64) {
+        let data = match region.alloc(AreaKind::Data, DATA_SIZE, 64) {
             Ok(d) => d,
             Err(e) => {
                 region.free(&text);
                 return Err(e);
             }
         };
-        let r = Self::write_code(k, w, &text, layout);
-        let (code, irq_fn, work_fn, orc) = match r {
+        let r = Self::write_code(k, w, &text, &data, layout);
+        let (code, [irq_fn, work_fn, hook_fn], orc) = match r {
             Ok(x) => x,
             Err(e) => {
                 region.free(&text);
@@ -274,13 +283,13 @@ impl CallEngine {
                 return Err(e);
             }
         };
-        let zero = vec![0u8; (SLOT_SIZE * SLOTS as u64) as usize];
+        let zero = vec![0u8; DATA_SIZE as usize];
         if let Err(e) = w.write_phys(text.phys, &code).and_then(|()| w.write_phys(data.phys, &zero)) {
             region.free(&text);
             region.free(&data);
             return Err(e);
         }
-        Ok(CallEngine { text, data, layout, irq_fn, work_fn, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
+        Ok(CallEngine { text, data, layout, irq_fn, work_fn, hook_fn, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
     }
 
     /// The allocations the engine holds (never freed).
@@ -337,9 +346,10 @@ impl CallEngine {
         Err(PatchError::Call(CallError::NoIrqWorkVector))
     }
 
-    /// The two routines at `text`; their addresses and ORC entries.
+    /// The routines at `text`; their addresses (irq_fn, work_fn, hook) and
+    /// ORC entries.
     #[allow(clippy::type_complexity)]
-    fn write_code(k: &Kernel<'_>, _w: &dyn GuestWriter, text: &Allocation, l: Layout) -> Result<(Vec<u8>, u64, u64, (Vec<u64>, Vec<OrcEntry>))> {
+    fn write_code(k: &Kernel<'_>, _w: &dyn GuestWriter, text: &Allocation, data: &Allocation, l: Layout) -> Result<(Vec<u8>, [u64; 3], (Vec<u64>, Vec<OrcEntry>))> {
         let style = CodeStyle::of(k)?;
         let queue_work_on = k.sym("queue_work_on")?;
         let system_wq = k.sym("system_wq")?;
@@ -360,7 +370,7 @@ impl CallEngine {
         c.bytes(&unbound.to_le_bytes());
         c.rel(&[0xe8], queue_work_on)?; // call queue_work_on
         style.ret(&mut c)?;
-        while c.b.len() % 16 != 0 {
+        while !c.b.len().is_multiple_of(16) {
             c.bytes(&[0xcc]);
         }
 
@@ -388,13 +398,39 @@ impl CallEngine {
         ips.push(c.at());
         entries.push(orc(8));
         style.ret(&mut c)?;
+        while !c.b.len().is_multiple_of(16) {
+            c.bytes(&[0xcc]);
+        }
+
+        // hook(struct klp_patch *patch): the module's klp_enable_patch().
+        // The first call records `patch` and returns 0; later ones -EBUSY.
+        let hook_fn = c.at();
+        ips.push(hook_fn);
+        entries.push(orc(8));
+        style.entry(&mut c);
+        let count = data.virt + HOOK_COUNT;
+        c.riprel(&[0x48, 0x8b, 0x05], count, &[])?; // mov rax, [rip + count]
+        c.bytes(&[0x48, 0xff, 0xc0]); // inc rax
+        c.riprel(&[0x48, 0x89, 0x05], count, &[])?; // mov [rip + count], rax
+        c.bytes(&[0x48, 0x83, 0xf8, 0x01]); // cmp rax, 1
+        let mut first = Code { base: 0, b: Vec::new() };
+        first.base = c.at() + 2;
+        first.riprel(&[0x48, 0x89, 0x3d], data.virt + HOOK_PTR, &[])?; // mov [rip + ptr], rdi
+        first.bytes(&[0x31, 0xc0]); // xor eax, eax
+        style.ret(&mut first)?;
+        let skip = u8::try_from(first.b.len()).map_err(|_| lerr("hook"))?;
+        c.bytes(&[0x75, skip]); // jne busy
+        c.bytes(&first.b);
+        c.bytes(&[0xb8]); // busy: mov eax, -EBUSY
+        c.bytes(&(-EBUSY).to_le_bytes());
+        style.ret(&mut c)?;
         // Past the end: no ORC (an address here is unknown).
         ips.push(c.at());
         entries.push(OrcEntry { sp_reg: orc_reg::UNDEFINED, ..orc(0) });
         if c.b.len() as u64 > text.size {
             return Err(lerr(format!("routines need {} bytes, {} allocated", c.b.len(), text.size)));
         }
-        Ok((c.b, irq_fn, work_fn, (ips, entries)))
+        Ok((c.b, [irq_fn, work_fn, hook_fn], (ips, entries)))
     }
 
     fn slot_addr(&self, slot: usize) -> (u64, u64) {
@@ -497,6 +533,37 @@ impl CallEngine {
         if let Some(s) = self.slots.get_mut(t.slot) {
             *s = SlotState::Lost;
         }
+    }
+
+    /// No call is running or lost, and every slot's irq_work is released.
+    pub fn idle(&self, k: &Kernel<'_>) -> Result<bool> {
+        for (i, st) in self.slots.iter().enumerate() {
+            match st {
+                SlotState::Free => {}
+                SlotState::Lost => return Ok(false),
+                SlotState::Busy => {
+                    let (va, _) = self.slot_addr(i);
+                    let state = k.mem.read_u32(va + OFF_STATE)?;
+                    let flags = k.mem.read_u32(va + OFF_IRQ_WORK + self.layout.irq_flags)?;
+                    if state != STATE_DONE || flags & self.layout.busy_bits != 0 {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Clears the `klp_enable_patch` hook's record before a module's init.
+    pub fn reset_hook(&self, w: &dyn GuestWriter) -> Result<()> {
+        w.write_phys(self.data.phys + HOOK_COUNT, &[0u8; 16])
+    }
+
+    /// How often the hook was called since the reset, and its first argument.
+    pub fn hook_record(&self, k: &Kernel<'_>) -> Result<(u64, u64)> {
+        let count = k.mem.read_u64(self.data.virt + HOOK_COUNT)?;
+        let ptr = k.mem.read_u64(self.data.virt + HOOK_PTR)?;
+        Ok((count, ptr))
     }
 
     /// Slots by state.

@@ -10,6 +10,9 @@ pub mod guest;
 pub mod guest_call;
 pub mod link;
 pub mod module;
+pub mod params;
+pub mod klp_read;
+pub mod lifecycle;
 pub mod placement;
 
 pub use engine::{ApplyOptions, Outcome, Patcher};

@@ -1,8 +1,11 @@
-//! Reading a livepatch module (`.ko`, as kbuild or kpatch-build make it)
-//! without loading it: its sections, symbols and relocations, and the
-//! `struct klp_patch` it would hand to `klp_enable_patch()` (objects, funcs,
-//! `replace`, states). Struct layouts come from the guest's BTF: the module
-//! was built for that kernel. The file is untrusted input.
+//! Reading a livepatch module (`.ko`, as kbuild, kpatch-build or klp-build
+//! make it) without loading it: its sections, symbols and relocations, its
+//! init and exit functions and its parameters. Its `struct klp_patch` is
+//! not read from the file: the module's init builds (or points at) it and
+//! hands it to `klp_enable_patch()`, which hyperpatch serves, and the
+//! patch is read from guest memory then (`klp_read`). Struct layouts come
+//! from the guest's BTF: the module was built for that kernel. The file is
+//! untrusted input.
 
 use std::collections::HashMap;
 
@@ -14,9 +17,6 @@ use crate::error::{PatchError, Result};
 
 /// Largest module file we read.
 pub const MAX_MODULE_SIZE: usize = 64 << 20;
-const MAX_OBJECTS: usize = 256;
-const MAX_FUNCS: usize = 4096;
-const MAX_STATES: usize = 256;
 const MAX_STRING: usize = 512;
 
 /// How a section is placed in the guest.
@@ -69,7 +69,7 @@ pub enum Target {
 }
 
 /// One function the patch replaces.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FuncSpec {
     pub old_name: String,
     pub old_sympos: u64,
@@ -77,15 +77,40 @@ pub struct FuncSpec {
     pub new_section: usize,
     pub new_offset: u64,
     pub new_symbol: String,
+    /// Size of the new function (its symbol's st_size).
+    #[serde(default)]
+    pub new_size: u64,
+    /// Guest address of this `struct klp_func`.
+    #[serde(default)]
+    pub addr: u64,
+}
+
+/// An object's `struct klp_callbacks` (guest addresses, 0 = none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Callbacks {
+    pub pre_patch: u64,
+    pub post_patch: u64,
+    pub pre_unpatch: u64,
+    pub post_unpatch: u64,
+}
+
+impl Callbacks {
+    pub fn any(&self) -> bool {
+        *self != Callbacks::default()
+    }
 }
 
 /// One patched object: `None` is vmlinux, else a module name.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ObjectSpec {
     pub name: Option<String>,
     pub funcs: Vec<FuncSpec>,
-    /// The object has pre/post (un)patch callbacks (hyperpatch does not run them).
-    pub has_callbacks: bool,
+    /// The object's callbacks.
+    #[serde(default)]
+    pub callbacks: Callbacks,
+    /// Guest address of this `struct klp_object`.
+    #[serde(default)]
+    pub addr: u64,
 }
 
 /// A `klp_state`.
@@ -95,12 +120,15 @@ pub struct StateSpec {
     pub version: u32,
 }
 
-/// The module's `struct klp_patch`, decoded.
-#[derive(Clone, Debug, serde::Serialize)]
+/// The `struct klp_patch` the module's init handed to `klp_enable_patch()`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PatchSpec {
     pub replace: bool,
     pub objects: Vec<ObjectSpec>,
     pub states: Vec<StateSpec>,
+    /// Guest address of the `struct klp_patch`.
+    #[serde(default)]
+    pub addr: u64,
 }
 
 /// A parsed livepatch module.
@@ -113,56 +141,35 @@ pub struct PatchModule {
     pub symbols: Vec<Symbol>,
     /// Relocations by the section they apply to.
     pub relocs: HashMap<usize, Vec<Rela>>,
-    pub spec: PatchSpec,
+    /// `__this_module`: (section, offset).
+    pub this_module: (usize, u64),
+    /// The module's init and exit functions (`__this_module.init`/`.exit`).
+    pub init: Option<(usize, u64)>,
+    pub exit: Option<(usize, u64)>,
+    /// Its parameters (`__param`).
+    pub params: Vec<crate::params::ParamSpec>,
 }
 
-/// klp struct offsets from the guest's BTF.
-struct KlpLayout {
-    patch_mod: u64,
-    patch_objs: u64,
-    patch_states: u64,
-    patch_replace: u64,
-    obj_name: u64,
-    obj_funcs: u64,
-    obj_callbacks: u64,
-    callbacks_size: u64,
-    obj_size: u64,
-    func_old_name: u64,
-    func_new_func: u64,
-    func_old_sympos: u64,
-    func_size: u64,
-    state_id: u64,
-    state_version: u64,
-    state_size: u64,
-    module_name: u64,
+/// `struct module` offsets from the guest's BTF.
+struct ModuleLayout {
+    name: u64,
+    init: u64,
+    exit: u64,
 }
 
-impl KlpLayout {
-    fn from_btf(btf: &Btf) -> Result<KlpLayout> {
-        Ok(KlpLayout {
-            patch_mod: btf.member_offset("klp_patch", "mod")?,
-            patch_objs: btf.member_offset("klp_patch", "objs")?,
-            patch_states: btf.member_offset("klp_patch", "states")?,
-            patch_replace: btf.member_offset("klp_patch", "replace")?,
-            obj_name: btf.member_offset("klp_object", "name")?,
-            obj_funcs: btf.member_offset("klp_object", "funcs")?,
-            obj_callbacks: btf.member_offset("klp_object", "callbacks")?,
-            callbacks_size: btf.struct_size("klp_callbacks")?,
-            obj_size: btf.struct_size("klp_object")?,
-            func_old_name: btf.member_offset("klp_func", "old_name")?,
-            func_new_func: btf.member_offset("klp_func", "new_func")?,
-            func_old_sympos: btf.member_offset("klp_func", "old_sympos")?,
-            func_size: btf.struct_size("klp_func")?,
-            state_id: btf.member_offset("klp_state", "id")?,
-            state_version: btf.member_offset("klp_state", "version")?,
-            state_size: btf.struct_size("klp_state")?,
-            module_name: btf.member_offset("module", "name")?,
+impl ModuleLayout {
+    fn from_btf(btf: &Btf) -> Result<ModuleLayout> {
+        Ok(ModuleLayout {
+            name: btf.member_offset("module", "name")?,
+            init: btf.member_offset("module", "init")?,
+            exit: btf.member_offset("module", "exit")?,
         })
     }
 }
 
 fn section_kind(name: &str, flags: u64) -> SectionKind {
-    let skip_prefixes = [".init", ".exit", "__mcount_loc", ".note", ".modinfo", "__versions", ".orc_unwind", ".BTF", ".discard"];
+    // Init and exit code and data are placed too: hyperpatch runs them.
+    let skip_prefixes = ["__mcount_loc", ".note", ".modinfo", "__versions", ".orc_unwind", ".BTF", ".discard"];
     if flags & u64::from(SHF_ALLOC) == 0 || skip_prefixes.iter().any(|p| name.starts_with(p)) {
         SectionKind::Skip
     } else if flags & u64::from(SHF_EXECINSTR) != 0 {
@@ -198,7 +205,7 @@ impl PatchModule {
                     return Err(malformed(format!("section {name} claims {} bytes", sh.sh_size)));
                 }
                 if kind == SectionKind::Skip { Vec::new() } else { vec![0u8; sh.sh_size as usize] }
-            } else if kind == SectionKind::Skip && !name.starts_with(".orc_unwind") {
+            } else if kind == SectionKind::Skip && !name.starts_with(".orc_unwind") && name != ".modinfo" {
                 Vec::new()
             } else {
                 let start = usize::try_from(sh.sh_offset).map_err(|_| malformed(format!("section {name} offset")))?;
@@ -246,11 +253,21 @@ impl PatchModule {
             sections,
             symbols,
             relocs,
-            spec: PatchSpec { replace: false, objects: Vec::new(), states: Vec::new() },
+            this_module: (0, 0),
+            init: None,
+            exit: None,
+            params: Vec::new(),
         };
-        let layout = KlpLayout::from_btf(btf)?;
+        if !m.modinfo().iter().any(|kv| kv == "livepatch=Y") {
+            return Err(m.not_livepatch("its .modinfo has no livepatch=Y (MODULE_INFO(livepatch, \"Y\"))"));
+        }
+        let layout = ModuleLayout::from_btf(btf)?;
+        m.this_module = m.this_module()?;
         m.name = m.module_name(&layout)?;
-        m.spec = m.find_patch(&layout)?;
+        let (sec, off) = m.this_module;
+        m.init = m.code_pointer(sec, off + layout.init, "init")?;
+        m.exit = m.code_pointer(sec, off + layout.exit, "exit")?;
+        m.params = crate::params::ParamSpec::read_all(&m, btf)?;
         Ok(m)
     }
 
@@ -293,11 +310,6 @@ impl PatchModule {
             .ok_or_else(|| self.err(format!("read of {len} bytes at {}+{offset:#x} is outside the section", s.name)))
     }
 
-    fn u64_at(&self, section: usize, offset: u64) -> Result<u64> {
-        let b = self.bytes(section, offset, 8)?;
-        Ok(u64::from_le_bytes(b.try_into().map_err(|_| self.err("u64"))?))
-    }
-
     fn u32_at(&self, section: usize, offset: u64) -> Result<u32> {
         let b = self.bytes(section, offset, 4)?;
         Ok(u32::from_le_bytes(b.try_into().map_err(|_| self.err("u32"))?))
@@ -326,111 +338,46 @@ impl PatchModule {
         Ok((s.section.ok_or_else(|| self.err("__this_module"))?, s.value))
     }
 
-    fn module_name(&self, l: &KlpLayout) -> Result<String> {
-        let (sec, off) = self.this_module()?;
-        let raw = self.bytes(sec, off + l.module_name, 56)?;
+    /// The `key=value` strings of `.modinfo`.
+    pub fn modinfo(&self) -> Vec<String> {
+        self.sections
+            .iter()
+            .filter(|s| s.name == ".modinfo")
+            .flat_map(|s| s.data.split(|b| *b == 0).filter(|x| !x.is_empty()).map(|x| String::from_utf8_lossy(x).into_owned()))
+            .collect()
+    }
+
+    /// A function pointer field of `__this_module` (init, exit): it must
+    /// point into the module's own text.
+    fn code_pointer(&self, sec: usize, off: u64, what: &str) -> Result<Option<(usize, u64)>> {
+        match self.pointer_at(sec, off) {
+            None => Ok(None),
+            Some(Target::Local { section, offset }) if self.sections.get(section).map(|s| s.kind) == Some(SectionKind::Text) => {
+                Ok(Some((section, offset)))
+            }
+            Some(t) => Err(self.err(format!("__this_module.{what} points at {t:?}, not into the module's text"))),
+        }
+    }
+
+    /// The NUL-terminated string at a module-local pointer target (public
+    /// for the parameter table).
+    pub fn string(&self, t: &Target) -> Result<String> {
+        self.string_at(t)
+    }
+
+    /// A little-endian u32 at `section`+`offset`.
+    pub fn read_u32(&self, section: usize, offset: u64) -> Result<u32> {
+        self.u32_at(section, offset)
+    }
+
+    fn module_name(&self, l: &ModuleLayout) -> Result<String> {
+        let (sec, off) = self.this_module;
+        let raw = self.bytes(sec, off + l.name, 56)?;
         let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
         let name = String::from_utf8_lossy(raw.get(..end).unwrap_or(&[])).into_owned();
         if name.is_empty() {
             return Err(self.err("__this_module has no name"));
         }
         Ok(name)
-    }
-
-    /// Finds the `struct klp_patch`: the data object whose `mod` points at
-    /// `__this_module` and whose `objs` points into the module.
-    fn find_patch(&self, l: &KlpLayout) -> Result<PatchSpec> {
-        let this = self.symbols.iter().position(|s| s.name == "__this_module");
-        let mut found = Vec::new();
-        for (sec, rels) in &self.relocs {
-            if self.sections.get(*sec).map(|s| s.kind) != Some(SectionKind::Data) {
-                continue;
-            }
-            for r in rels {
-                if Some(r.sym) != this || r.r_type != goblin::elf::reloc::R_X86_64_64 || r.addend != 0 {
-                    continue;
-                }
-                let Some(base) = r.offset.checked_sub(l.patch_mod) else { continue };
-                if let Some(Target::Local { .. }) = self.pointer_at(*sec, base + l.patch_objs) {
-                    found.push((*sec, base));
-                }
-            }
-        }
-        let (sec, base) = match found.as_slice() {
-            [one] => *one,
-            [] => return Err(self.not_livepatch("no struct klp_patch (no data object with .mod = THIS_MODULE and .objs)")),
-            _ => return Err(self.not_livepatch(format!("{} candidate klp_patch objects", found.len()))),
-        };
-        let replace = self.bytes(sec, base + l.patch_replace, 1)?.first().copied().unwrap_or(0) != 0;
-        let Some(Target::Local { section: osec, offset: mut ooff }) = self.pointer_at(sec, base + l.patch_objs) else {
-            return Err(self.not_livepatch("klp_patch.objs does not point into the module"));
-        };
-        let mut objects = Vec::new();
-        loop {
-            if objects.len() >= MAX_OBJECTS {
-                return Err(self.err("too many klp_objects (no terminator?)"));
-            }
-            let funcs_ptr = self.pointer_at(osec, ooff + l.obj_funcs);
-            let Some(Target::Local { section: fsec, offset: mut foff }) = funcs_ptr else {
-                // The terminating {} entry has no funcs.
-                break;
-            };
-            let name = match self.pointer_at(osec, ooff + l.obj_name) {
-                None => None,
-                Some(t) => Some(self.string_at(&t)?),
-            };
-            let mut funcs = Vec::new();
-            loop {
-                if funcs.len() >= MAX_FUNCS {
-                    return Err(self.err("too many klp_funcs (no terminator?)"));
-                }
-                let Some(old) = self.pointer_at(fsec, foff + l.func_old_name) else { break };
-                let old_name = self.string_at(&old)?;
-                let old_sympos = self.u64_at(fsec, foff + l.func_old_sympos)?;
-                let (new_section, new_offset) = match self.pointer_at(fsec, foff + l.func_new_func) {
-                    Some(Target::Local { section, offset }) => (section, offset),
-                    Some(Target::External { name, .. }) => {
-                        return Err(self.err(format!("new_func of {old_name} is external symbol {name}")))
-                    }
-                    None => return Err(self.err(format!("klp_func {old_name} has no new_func"))),
-                };
-                if self.sections.get(new_section).map(|s| s.kind) != Some(SectionKind::Text) {
-                    return Err(self.err(format!("new_func of {old_name} is not in a text section")));
-                }
-                let new_symbol = self
-                    .symbols
-                    .iter()
-                    .find(|s| s.section == Some(new_section) && s.value == new_offset && !s.name.is_empty() && s.size > 0)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| format!("{}+{new_offset:#x}", self.sections[new_section].name));
-                funcs.push(FuncSpec { old_name, old_sympos, new_section, new_offset, new_symbol });
-                foff = foff.checked_add(l.func_size).ok_or_else(|| self.err("funcs overflow"))?;
-            }
-            let has_callbacks = (0..l.callbacks_size / 8)
-                .filter_map(|i| self.pointer_at(osec, ooff + l.obj_callbacks + i * 8))
-                .next()
-                .is_some();
-            objects.push(ObjectSpec { name, funcs, has_callbacks });
-            ooff = ooff.checked_add(l.obj_size).ok_or_else(|| self.err("objs overflow"))?;
-        }
-        if objects.is_empty() {
-            return Err(self.not_livepatch("the klp_patch has no objects"));
-        }
-        let mut states = Vec::new();
-        if let Some(Target::Local { section: ssec, offset: mut soff }) = self.pointer_at(sec, base + l.patch_states) {
-            loop {
-                if states.len() >= MAX_STATES {
-                    return Err(self.err("too many klp_states (no terminator?)"));
-                }
-                let id = self.u64_at(ssec, soff + l.state_id)?;
-                if id == 0 {
-                    break;
-                }
-                let version = self.u32_at(ssec, soff + l.state_version)?;
-                states.push(StateSpec { id, version });
-                soff = soff.checked_add(l.state_size).ok_or_else(|| self.err("states overflow"))?;
-            }
-        }
-        Ok(PatchSpec { replace, objects, states })
     }
 }
