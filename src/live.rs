@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use patcher::guest::GuestWriter;
+use introspect::translate::KernelMemory;
+use patcher::lifecycle::CallbackKind;
 use patcher::{ApplyOptions, Outcome, PatchError, PatchModule, Patcher};
 use std::time::{Duration, Instant};
 use vmm::api::{ApiExtension, Handled};
@@ -247,6 +249,8 @@ struct State {
     patcher: Patcher,
     pending: Option<PendingOp>,
     finished: Option<Finished>,
+    /// The execution traps armed in the VM (module loads and unloads).
+    armed: Vec<(u64, u64)>,
 }
 
 /// Shared between the control loop, the worker and snapshot threads.
@@ -387,7 +391,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, patcher, pending, finished }),
+            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -446,13 +450,31 @@ impl Shared {
             if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
+            {
+                // A module coming or going waits in the guest for us.
+                let mut st = lock(&self.state);
+                if let Err(e) = st.sync_traps(vm) {
+                    eprintln!("hyperpatch: arming the module-load traps: {e:#}");
+                }
+                match st.module_event(vm) {
+                    Ok(true) => {
+                        self.publish(&st, vm);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => eprintln!("hyperpatch: module event: {e:#}"),
+                }
+            }
             let job = lock(&self.jobs).pop_front();
             if let Some(job) = job {
                 self.run_job(vm, job);
                 continue;
             }
             let now = Instant::now();
-            let has_pending = lock(&self.state).pending.is_some();
+            let (has_pending, armed) = {
+                let st = lock(&self.state);
+                (st.pending.is_some(), !st.armed.is_empty())
+            };
             if has_pending && now >= next_attempt {
                 let mut st = lock(&self.state);
                 let delay = st.tick(vm);
@@ -461,7 +483,10 @@ impl Shared {
                 next_attempt = Instant::now() + delay;
                 continue;
             }
-            let wait = if has_pending { next_attempt.saturating_duration_since(now) } else { Duration::from_millis(500) };
+            let mut wait = if has_pending { next_attempt.saturating_duration_since(now) } else { Duration::from_millis(500) };
+            if armed {
+                wait = wait.min(Duration::from_millis(5));
+            }
             let jobs = lock(&self.jobs);
             if jobs.is_empty() && !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let _ = self.wake.wait_timeout(jobs, wait).unwrap_or_else(|e| e.into_inner());
@@ -585,6 +610,19 @@ impl State {
         Ok(self.run_call_ticket(vm, func, args, timeout)?.1)
     }
 
+    /// Queues a call of `func` and raises the guest's irq_work interrupt.
+    fn start_call(&mut self, vm: &Vm, func: u64, args: &[patcher::guest_call::CallArg]) -> Result<patcher::guest_call::CallTicket> {
+        if vm.client_holds() {
+            bail!("a client holds the VM paused: a guest call runs guest code; resume first");
+        }
+        let paused = vm.pause()?;
+        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| Ok(p.queue_call(k, w, func, args)?))?;
+        drop(paused);
+        let apic = vm.apic_id(0).ok_or_else(|| anyhow!("the VM has no vCPU 0"))?;
+        vm.inject_msi(apic, vector)?;
+        Ok(ticket)
+    }
+
     fn run_call_ticket(
         &mut self,
         vm: &Vm,
@@ -592,15 +630,8 @@ impl State {
         args: &[patcher::guest_call::CallArg],
         timeout: Duration,
     ) -> Result<(patcher::guest_call::CallTicket, Option<i64>)> {
-        if vm.client_holds() {
-            bail!("a client holds the VM paused: a guest call runs guest code; resume first");
-        }
         let t0 = Instant::now();
-        let paused = vm.pause()?;
-        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| Ok(p.queue_call(k, w, func, args)?))?;
-        drop(paused);
-        let apic = vm.apic_id(0).ok_or_else(|| anyhow!("the VM has no vCPU 0"))?;
-        vm.inject_msi(apic, vector)?;
+        let ticket = self.start_call(vm, func, args)?;
         let deadline = t0 + timeout;
         let mem = LiveMemory(vm.memory());
         loop {
@@ -653,10 +684,45 @@ impl State {
     fn finish(&mut self, vm: &Vm, result: Reply) -> Reply {
         let Some(op) = self.pending.take() else { return result };
         let result = match result {
-            Err(e) if op.verb == "apply" => Err(match self.unload_staged(vm) {
-                Ok(()) => e,
-                Err(u) => format!("{e}; then unloading the module: {u:#}"),
-            }),
+            Err(e) if op.verb == "apply" => {
+                // The patch never took effect: post-unpatch for the objects
+                // whose pre-patch ran, then the module's exit.
+                let mut e = e;
+                if let Err(c) = self.run_callbacks(vm, &op.target, CallbackKind::PostUnpatch) {
+                    e = format!("{e}; post-unpatch callbacks: {c:#}");
+                }
+                Err(match self.unload_staged(vm) {
+                    Ok(()) => e,
+                    Err(u) => format!("{e}; then unloading the module: {u:#}"),
+                })
+            }
+            Err(e) if op.verb == "disable" => {
+                // Still patched: as upstream's reversed unpatching, post-patch.
+                Err(match self.run_callbacks(vm, &op.target, CallbackKind::PostPatch) {
+                    Ok(()) => e,
+                    Err(c) => format!("{e}; post-patch callbacks: {c:#}"),
+                })
+            }
+            Ok(v) => {
+                // The transition completed (klp_complete_transition): the
+                // target state's post callbacks, then replaced or reversed
+                // patches' modules are reaped.
+                let kind = match op.verb.as_str() {
+                    "apply" | "enable" | "reverse disable" => Some(CallbackKind::PostPatch),
+                    "disable" | "reverse enable" | "reverse apply" => Some(CallbackKind::PostUnpatch),
+                    _ => None,
+                };
+                let mut r = Ok(v);
+                if let Some(kind) = kind {
+                    if let Err(c) = self.run_callbacks(vm, &op.target, kind) {
+                        r = Err(format!("{} {}: the transition completed, but {c:#}", op.verb, op.target));
+                    }
+                }
+                if let Err(e) = self.reap_retired(vm) {
+                    r = Err(format!("{} {}: the transition completed, but freeing the modules it retired failed: {e:#}", op.verb, op.target));
+                }
+                r
+            }
             other => other,
         };
         if let Err(e) = &result {
@@ -670,12 +736,14 @@ impl State {
     }
 
     /// Loads the module at `path` with `params` as the kernel's module
-    /// loader would: links and places it, sets its parameters, runs its
-    /// init in the guest and reads the klp_patch the init enabled. Returns
-    /// the module's name; on error nothing of it is left in the guest
-    /// (but what its init or exit did, and the memory of code that may
-    /// still run).
-    fn load_module(&mut self, vm: &Vm, path: &Path, params: &[String]) -> Result<String> {
+    /// loader would: links and places it, sets its parameters and runs its
+    /// init in the guest. Its `klp_enable_patch()` is hyperpatch's hook,
+    /// which waits while hyperpatch reads the klp_patch, checks it and runs
+    /// the pre-patch callbacks of its loaded objects, and returns the
+    /// verdict to the init, as upstream's returns its own. Returns the
+    /// module's name; on error nothing of it is left in the guest but what
+    /// its init or exit did (and the memory of code that may still run).
+    fn load_module(&mut self, vm: &Vm, path: &Path, params: &[String], skip_callbacks: bool) -> Result<String> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let shown = path.display().to_string();
         let paused = vm.pause()?;
@@ -693,9 +761,33 @@ impl State {
             self.unload_staged(vm)?;
             bail!("{}: it has no init, so nothing calls klp_enable_patch()", m.name);
         };
-        let ret = match self.run_call(vm, init, &[], MODULE_CALL_TIMEOUT)? {
-            Some(r) => r,
-            None => {
+        let ticket = self.start_call(vm, init, &[])?;
+        let deadline = Instant::now() + MODULE_CALL_TIMEOUT;
+        let waiting_phys = self.patcher.call_engine().map(|c| c.hook_waiting_phys()).ok_or_else(|| anyhow!("guest-call engine"))?;
+        let mut refusal: Option<(i32, anyhow::Error)> = None;
+        let mut verdict_given = false;
+        let ret = loop {
+            if let Some(r) = patcher::guest_call::CallEngine::poll(&LiveMemory(vm.memory()), &ticket)? {
+                break r;
+            }
+            let mut flag = [0u8; 4];
+            vm.memory().read_slice(&mut flag, GuestAddress(waiting_phys)).map_err(|e| anyhow!("reading the hook's flag: {e}"))?;
+            if !verdict_given && u32::from_le_bytes(flag) == 1 {
+                let verdict = match self.enable_verdict(vm, &m, skip_callbacks) {
+                    Ok(()) => 0,
+                    Err((errno, e)) => {
+                        refusal = Some((errno, e));
+                        errno
+                    }
+                };
+                let paused = vm.pause()?;
+                let c = self.patcher.call_engine().ok_or_else(|| anyhow!("guest-call engine"))?;
+                c.hook_verdict(&LiveWriter(paused.memory()), verdict)?;
+                drop(paused);
+                verdict_given = true;
+            }
+            if Instant::now() >= deadline {
+                self.patcher.call_lost(&ticket);
                 self.patcher.abandon_staged();
                 bail!(
                     "{}: its init did not return within {} s; its memory stays reserved (the init may still run)",
@@ -703,17 +795,177 @@ impl State {
                     MODULE_CALL_TIMEOUT.as_secs()
                 );
             }
+            if vm.exit_reason().is_some() {
+                bail!("the VM stopped while {}'s init ran", m.name);
+            }
+            std::thread::sleep(Duration::from_micros(100));
         };
         let paused = vm.pause()?;
-        let read = self.with_kernel(&paused, |p, k, _| Ok(p.init_returned(k, &m, ret)?));
+        let read = self.with_kernel(&paused, |p, k, _| Ok(p.init_returned(k, ret)?));
         drop(paused);
-        if let Err(e) = read {
-            return Err(match self.unload_staged(vm) {
-                Ok(()) => e,
-                Err(u) => e.context(format!("then unloading it: {u:#}")),
-            });
+        let err = match (read, refusal) {
+            (Ok(()), None) => {
+                self.patcher.set_skip_callbacks(skip_callbacks);
+                return Ok(m.name);
+            }
+            // The init returned 0 although its patch was refused.
+            (Ok(()), Some((_, e))) => e,
+            (Err(e), None) => e,
+            // klp_enable_patch() refused it and the init failed with that.
+            (Err(e), Some((_, why))) => why.context(format!("{e:#}")),
+        };
+        // Objects whose pre-patch callback ran get their post-unpatch
+        // (upstream's klp_cancel_transition).
+        let cancel = self.run_callbacks(vm, &m.name, CallbackKind::PostUnpatch).err();
+        let e = match self.unload_staged(vm) {
+            Ok(()) => err,
+            Err(u) => err.context(format!("then unloading it: {u:#}")),
+        };
+        Err(match cancel {
+            None => e,
+            Some(c) => e.context(format!("post-unpatch callbacks: {c:#}")),
+        })
+    }
+
+    /// The verdict of the module's `klp_enable_patch()`: its klp_patch is
+    /// read and checked, and the pre-patch callbacks of its loaded objects
+    /// run. An error comes with the errno the hook returns.
+    fn enable_verdict(&mut self, vm: &Vm, m: &PatchModule, skip_callbacks: bool) -> std::result::Result<(), (i32, anyhow::Error)> {
+        let einval = |e: anyhow::Error| (-22, e);
+        let paused = vm.pause().map_err(|e| einval(e.into()))?;
+        let r = self.with_kernel(&paused, |p, k, w| {
+            let records = k.ftrace_records()?;
+            p.enable_called(k, w, m, &records).map_err(anyhow::Error::from)
+        });
+        drop(paused);
+        if let Err(e) = r {
+            let errno = match e.downcast_ref::<PatchError>() {
+                Some(PatchError::MissingSymbol { .. }) | Some(PatchError::NoPatch(_)) => -2,
+                Some(PatchError::Site { .. }) | Some(PatchError::Duplicate(_)) => -16,
+                _ => -22,
+            };
+            return Err((errno, e));
         }
-        Ok(m.name)
+        if skip_callbacks {
+            return Ok(());
+        }
+        match self.pre_patch(vm, &m.name) {
+            Ok(None) => Ok(()),
+            Ok(Some((obj, ret))) => Err((ret, anyhow!("{}: pre-patch callback failed for object '{obj}' with {ret} ({})", m.name, patcher::lifecycle::errno_name(ret)))),
+            Err(e) => Err(einval(e)),
+        }
+    }
+
+    /// Runs the pre-patch callbacks of patch `name`'s loaded objects in
+    /// order, arming each object's post-unpatch when it succeeds; stops at
+    /// the first failure: (object, return value).
+    fn pre_patch(&mut self, vm: &Vm, name: &str) -> Result<Option<(String, i32)>> {
+        let list = {
+            let paused = vm.pause()?;
+            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, name, CallbackKind::PrePatch)?))?
+        };
+        for cb in list {
+            let ret = if cb.func == 0 {
+                0
+            } else {
+                let r = self
+                    .run_call(vm, cb.func, &[patcher::guest_call::CallArg::Value(cb.obj)], MODULE_CALL_TIMEOUT)?
+                    .ok_or_else(|| anyhow!("{name}: the pre-patch callback of {} did not return", cb.name))?;
+                r as i32
+            };
+            self.patcher.set_post_unpatch_enabled(name, cb.object, ret == 0);
+            if ret != 0 {
+                return Ok(Some((cb.name, ret)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs the `kind` callbacks of patch `name`'s loaded objects (not
+    /// pre-patch: see `pre_patch`). A post-unpatch disarms itself.
+    fn run_callbacks(&mut self, vm: &Vm, name: &str, kind: CallbackKind) -> Result<()> {
+        if !self.patcher.runs_callbacks(name) {
+            return Ok(());
+        }
+        let list = {
+            let paused = vm.pause()?;
+            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, name, kind)?))?
+        };
+        for cb in list {
+            if kind == CallbackKind::PostUnpatch {
+                self.patcher.set_post_unpatch_enabled(name, cb.object, false);
+            }
+            if cb.func == 0 {
+                continue;
+            }
+            if self.run_call(vm, cb.func, &[patcher::guest_call::CallArg::Value(cb.obj)], MODULE_CALL_TIMEOUT)?.is_none() {
+                bail!("{name}: the {kind:?} callback of {} did not return within {} s", cb.name, MODULE_CALL_TIMEOUT.as_secs());
+            }
+        }
+        Ok(())
+    }
+
+    /// Before `enable`/`disable` of patch `name` starts: it must be in the
+    /// other state and nothing may be running; then the pre-patch (enable)
+    /// or pre-unpatch (disable) callbacks run, as upstream runs them before
+    /// the transition. A failing pre-patch refuses the enable.
+    fn before_switch(&mut self, vm: &Vm, name: &str, enable: bool) -> Result<()> {
+        if let Some(p) = &self.pending {
+            bail!("{} {} is still running; try again when it ends", p.verb, p.target);
+        }
+        match self.patcher.is_enabled(name) {
+            None => bail!("no patch named {name:?}"),
+            Some(e) if e == enable => bail!("patch {name} is already {}", if enable { "enabled" } else { "disabled" }),
+            Some(_) => {}
+        }
+        if !self.patcher.runs_callbacks(name) {
+            return Ok(());
+        }
+        if enable {
+            if let Some((obj, ret)) = self.pre_patch(vm, name)? {
+                let cancel = self.run_callbacks(vm, name, CallbackKind::PostUnpatch).err();
+                bail!(
+                    "{name}: pre-patch callback failed for object '{obj}' with {ret} ({}){}",
+                    patcher::lifecycle::errno_name(ret),
+                    cancel.map(|c| format!("; post-unpatch callbacks: {c:#}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        } else {
+            self.run_callbacks(vm, name, CallbackKind::PreUnpatch)
+        }
+    }
+
+    /// Patches that left the stack (replaced, or their enabling reversed):
+    /// their module's exit runs, then their memory is freed (never, when
+    /// they were forced or their exit did not return).
+    fn reap_retired(&mut self, vm: &Vm) -> Result<()> {
+        let retired = self.patcher.take_retired();
+        let mut first_err = None;
+        for p in retired {
+            let mut keep = false;
+            if let Some(exit) = p.exit {
+                match self.run_call(vm, exit, &[], MODULE_CALL_TIMEOUT) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => keep = true,
+                    Err(e) => {
+                        keep = true;
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            let paused = vm.pause()?;
+            let r = self.patcher.free_retired(&LiveWriter(paused.memory()), p, keep);
+            drop(paused);
+            if let Err(e) = r {
+                first_err.get_or_insert(e.into());
+            }
+        }
+        self.release_calls(vm)?;
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
     }
 
     /// Runs the staged module's exit if its init succeeded, then unplaces
@@ -734,10 +986,162 @@ impl State {
         self.release_calls(vm)
     }
 
+    /// Arms (or disarms) the traps at the guest's `klp_module_coming` and
+    /// `klp_module_going` as the patcher needs them.
+    fn sync_traps(&mut self, vm: &Vm) -> Result<()> {
+        let want = self.patcher.module_traps();
+        if want == self.armed {
+            return Ok(());
+        }
+        let traps = want.iter().map(|(addr, redirect)| vmm::vcpu::ExecTrap { addr: *addr, redirect: *redirect }).collect();
+        vm.set_exec_traps(traps)?;
+        self.armed = want;
+        Ok(())
+    }
+
+    /// Serves a module load or unload the guest waits on: patches a coming
+    /// module before its init runs (pre-patch and post-patch callbacks of
+    /// each patch's object, in stack order; a failing pre-patch fails the
+    /// load with its error), or unpatches a going one before its text is
+    /// freed (pre-unpatch and post-unpatch). `true` when one was served.
+    fn module_event(&mut self, vm: &Vm) -> Result<bool> {
+        if self.armed.is_empty() {
+            return Ok(false);
+        }
+        let Some(c) = self.patcher.call_engine() else { return Ok(false) };
+        let Some((kind, mod_addr)) = c.pending_event(&LiveMemory(vm.memory()))? else { return Ok(false) };
+        let paused = vm.pause()?;
+        let name = self.with_kernel(&paused, |_, k, _| {
+            let off = k.off("module", "name")?;
+            Ok(k.mem.read_cstr(mod_addr.checked_add(off).ok_or_else(|| anyhow!("module address"))?, 56)?)
+        });
+        drop(paused);
+        let verdict = match name {
+            Err(e) => {
+                eprintln!("hyperpatch: a module event for {mod_addr:#x}: {e:#}");
+                0
+            }
+            Ok(name) if kind == patcher::guest_call::EVENT_COMING => self.module_coming(vm, &name, mod_addr),
+            Ok(name) => {
+                if let Err(e) = self.module_going(vm, &name) {
+                    eprintln!("hyperpatch: unpatching going module {name}: {e:#}");
+                }
+                0
+            }
+        };
+        let paused = vm.pause()?;
+        let c = self.patcher.call_engine().ok_or_else(|| anyhow!("guest-call engine"))?;
+        c.answer_event(&LiveWriter(paused.memory()), verdict)?;
+        Ok(true)
+    }
+
+    /// Runs one object's callback of `kind`; its return value.
+    fn object_callback(&mut self, vm: &Vm, patch: &str, object: usize, kind: CallbackKind) -> Result<i32> {
+        if !self.patcher.runs_callbacks(patch) {
+            return Ok(0);
+        }
+        let list = {
+            let paused = vm.pause()?;
+            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, patch, kind)?))?
+        };
+        let Some(cb) = list.into_iter().find(|c| c.object == object) else { return Ok(0) };
+        if kind == CallbackKind::PostUnpatch {
+            self.patcher.set_post_unpatch_enabled(patch, object, false);
+        }
+        let ret = if cb.func == 0 {
+            0
+        } else {
+            self.run_call(vm, cb.func, &[patcher::guest_call::CallArg::Value(cb.obj)], MODULE_CALL_TIMEOUT)?
+                .ok_or_else(|| anyhow!("{patch}: the {kind:?} callback of {} did not return", cb.name))? as i32
+        };
+        if kind == CallbackKind::PrePatch {
+            self.patcher.set_post_unpatch_enabled(patch, object, ret == 0);
+        }
+        Ok(ret)
+    }
+
+    /// A module is coming: the verdict klp_module_coming returns.
+    fn module_coming(&mut self, vm: &Vm, name: &str, mod_addr: u64) -> i32 {
+        let targets = self.patcher.objects_for_module(name);
+        let in_transition = self.patcher.in_transition().map(str::to_string);
+        let mut done: Vec<(String, usize)> = Vec::new();
+        let mut verdict = 0;
+        for (patch, idx) in &targets {
+            eprintln!("hyperpatch: applying patch '{patch}' to loading module '{name}'");
+            let r = (|| -> Result<i32> {
+                // obj->mod first: the callbacks read it.
+                let paused = vm.pause()?;
+                self.with_kernel(&paused, |p, k, w| Ok(p.bind_object(k, w, patch, *idx, mod_addr)?))?;
+                drop(paused);
+                let ret = self.object_callback(vm, patch, *idx, CallbackKind::PrePatch)?;
+                if ret != 0 {
+                    eprintln!("hyperpatch: pre-patch callback failed for object '{name}'");
+                    return Ok(ret);
+                }
+                let paused = vm.pause()?;
+                self.with_kernel(&paused, |p, k, w| {
+                    let records = k.ftrace_records()?;
+                    p.patch_coming_object(k, w, &records, patch, *idx, mod_addr)?;
+                    Ok(())
+                })?;
+                drop(paused);
+                if in_transition.as_deref() != Some(patch.as_str()) {
+                    self.object_callback(vm, patch, *idx, CallbackKind::PostPatch)?;
+                }
+                Ok(0)
+            })();
+            match r {
+                Ok(0) => done.push((patch.clone(), *idx)),
+                Ok(ret) => {
+                    verdict = ret;
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("hyperpatch: patching loading module {name} with {patch}: {e:#}");
+                    verdict = -22;
+                    break;
+                }
+            }
+        }
+        if verdict != 0 {
+            // As klp_cleanup_module_patches_limited: the patches already
+            // applied to it leave it again.
+            if let Err(e) = self.module_going(vm, name) {
+                eprintln!("hyperpatch: unpatching module {name} after a failed load: {e:#}");
+            }
+        }
+        verdict
+    }
+
+    /// A module is going: every patch leaves it (pre-unpatch, sites back,
+    /// post-unpatch).
+    fn module_going(&mut self, vm: &Vm, name: &str) -> Result<()> {
+        let targets = self.patcher.objects_for_module(name);
+        let in_transition = self.patcher.in_transition().map(str::to_string);
+        for (patch, idx) in &targets {
+            if in_transition.as_deref() != Some(patch.as_str()) {
+                self.object_callback(vm, patch, *idx, CallbackKind::PreUnpatch)?;
+            }
+        }
+        eprintln!("hyperpatch: reverting patches on unloading module '{name}'");
+        let paused = vm.pause()?;
+        self.with_kernel(&paused, |p, k, w| Ok(p.unpatch_going_module(k, w, name)?))?;
+        drop(paused);
+        for (patch, idx) in &targets {
+            self.object_callback(vm, patch, *idx, CallbackKind::PostUnpatch)?;
+        }
+        Ok(())
+    }
+
     /// Frees the guest-call routines if nothing uses them (see
-    /// `Patcher::release_calls_if_idle`).
+    /// `Patcher::release_calls_if_idle`); the module-load traps are
+    /// disarmed first when nothing needs them.
     fn release_calls(&mut self, vm: &Vm) -> Result<()> {
         if self.patcher.call_engine().is_none() {
+            return Ok(());
+        }
+        self.sync_traps(vm)?;
+        if !self.armed.is_empty() {
             return Ok(());
         }
         let paused = vm.pause()?;
@@ -928,7 +1332,7 @@ impl State {
                     let _ = tx.send(Err(format!("timeout_secs must be a non-negative number of seconds, not {timeout_secs}")));
                     return None;
                 }
-                match self.load_module(vm, &path, &params) {
+                match self.load_module(vm, &path, &params, skip_callbacks) {
                     Ok(name) => ("apply", name, ApplyOptions { force, skip_callbacks, per_task }, timeout_secs, wait),
                     Err(e) => {
                         let _ = tx.send(Err(format!("{e:#}")));
@@ -937,9 +1341,17 @@ impl State {
                 }
             }
             PatchRequest::Disable { name, force, per_task, timeout_secs, wait } => {
+                if let Err(e) = self.before_switch(vm, &name, false) {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                    return None;
+                }
                 ("disable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
             }
             PatchRequest::Enable { name, force, per_task, timeout_secs, wait } => {
+                if let Err(e) = self.before_switch(vm, &name, true) {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                    return None;
+                }
                 ("enable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
             }
         };

@@ -59,7 +59,7 @@ pub struct Patch {
     pub forced: bool,
     pub states: Vec<StateSpec>,
     pub funcs: Vec<PatchedFunc>,
-    linked: LinkedModule,
+    pub(crate) linked: LinkedModule,
     /// The module's exit (run at remove), its `__this_module`, and the
     /// klp_patch its init enabled.
     #[serde(default)]
@@ -167,6 +167,9 @@ struct TaskTransition {
     reversed: bool,
     /// The transition applies a new patch (reversing it removes the patch).
     applying: bool,
+    /// Forced: every task is migrated now, reliable stack or not.
+    #[serde(default)]
+    forced: bool,
 }
 
 /// Version of the patcher's saved state (in snapshots). Another version
@@ -182,7 +185,7 @@ pub struct Patcher {
     reserved_size: u64,
     region: Option<Region>,
     pub(crate) patches: Vec<Patch>,
-    sites: BTreeMap<u64, SiteState>,
+    pub(crate) sites: BTreeMap<u64, SiteState>,
     next_id: u64,
     transition: Option<TaskTransition>,
     /// The guest-call routines and slots, once a call has been made.
@@ -194,6 +197,10 @@ pub struct Patcher {
     /// Memory of modules whose code may still run: never freed.
     #[serde(default)]
     pub(crate) lost: Vec<Allocation>,
+    /// Patches that left the stack (replaced, or their enabling reversed)
+    /// whose module exit has not run yet.
+    #[serde(default)]
+    pub(crate) retired: Vec<Patch>,
 }
 
 /// Resolves symbols through guest kallsyms and module symbols;
@@ -305,6 +312,7 @@ impl Patcher {
             calls: None,
             staged: None,
             lost: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -410,7 +418,7 @@ impl Patcher {
     }
 
     /// The target each owned site should jump to with `patches` as given.
-    fn desired(patches: &[Patch]) -> BTreeMap<u64, Option<u64>> {
+    pub(crate) fn desired(patches: &[Patch]) -> BTreeMap<u64, Option<u64>> {
         let mut d: BTreeMap<u64, Option<u64>> = BTreeMap::new();
         for p in patches {
             for f in &p.funcs {
@@ -494,7 +502,7 @@ impl Patcher {
     /// FTRACE_FL_DISABLED so the guest's ftrace leaves it alone; a site back
     /// to its original bytes gets its flags back). Rolls back everything
     /// already written if one write fails.
-    fn switch_sites(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, desired: &BTreeMap<u64, Option<u64>>) -> Result<usize> {
+    pub(crate) fn switch_sites(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, desired: &BTreeMap<u64, Option<u64>>) -> Result<usize> {
         let mut written: Vec<(u64, u64, Vec<u8>)> = Vec::new(); // (virt, phys?, old bytes) via write_virt
         let mut result = Ok(());
         let mut plan: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -593,18 +601,124 @@ impl Patcher {
             return Err(PatchError::Duplicate(staged.name.clone()));
         }
         let replace = spec.replace;
-        if spec.objects.iter().any(|o| o.callbacks.any()) && !opts.skip_callbacks {
-            return Err(PatchError::State(format!(
-                "{} has klp callbacks, which hyperpatch does not run yet; apply with skip_callbacks (--skip-callbacks) to apply it without them",
-                staged.name
-            )));
-        }
         self.check_states(&staged.name, &spec.states, replace)?;
-        // Resolve every function and check its site before touching anything.
+        let (funcs, new_sites) = self.resolve_funcs(k, records, &spec)?;
+        // Safety: the code running now at every site must be on no stack.
+        let mut ranges: Vec<(String, u64, u64)> =
+            funcs.iter().map(|(f, _, a, s, site)| self.current_range_or(*site, &f.old_name, *a, *s)).collect();
+        if replace {
+            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+            for s in self.sites.values() {
+                if s.active.is_some() && !mine.contains(&s.site) {
+                    ranges.push(self.current_range(s.site, (s.site, 5)));
+                }
+            }
+        }
+        let blockers = Self::blockers(k, u, &ranges)?;
+        let per_task = !blockers.is_empty() && !opts.force && opts.per_task;
+        if !blockers.is_empty() && !opts.force && !per_task {
+            return Ok(Outcome::Blocked(blockers));
+        }
+        if self.transition.is_some() {
+            return Err(PatchError::State("a per-task transition is still running".into()));
+        }
+        // The module is placed (staged); its new functions are in it.
+        let linked = staged.linked.clone();
+        let mut pfuncs = Vec::new();
+        for (f, object, old_addr, old_size, site) in &funcs {
+            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
+                name: f.old_name.clone(),
+                detail: "new function's section was not placed".into(),
+            })?;
+            if f.new_size == 0 {
+                return Err(PatchError::Function { name: f.new_symbol.clone(), detail: "its size is unknown".into() });
+            }
+            pfuncs.push(PatchedFunc {
+                object: object.clone(),
+                old_name: f.old_name.clone(),
+                old_sympos: f.old_sympos,
+                old_addr: *old_addr,
+                old_size: *old_size,
+                site: *site,
+                new_symbol: f.new_symbol.clone(),
+                new_addr,
+                new_size: f.new_size,
+            });
+        }
+        for s in &new_sites {
+            self.sites.insert(s.site, s.clone());
+        }
+        let patch = Patch {
+            id: self.next_id,
+            name: staged.name.clone(),
+            path: staged.path.clone(),
+            enabled: true,
+            replace,
+            forced: !blockers.is_empty() && !per_task,
+            states: spec.states.clone(),
+            funcs: pfuncs,
+            linked: linked.clone(),
+            exit: staged.exit,
+            this_module: staged.this_module,
+            spec: Some(spec.clone()),
+        };
+        self.patches.push(patch);
+        let mut desired = Self::desired(&self.patches);
+        if replace {
+            // Nops: every site the new patch does not change returns to the original code.
+            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+            for (site, t) in desired.iter_mut() {
+                if !mine.contains(site) {
+                    *t = None;
+                }
+            }
+        }
+        let switched = if per_task {
+            self.start_task_transition(k, w, u, &staged.name, desired, ranges, None, replace)
+        } else {
+            self.switch_sites(k, w, &desired).map(|n| Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+        };
+        match switched {
+            Ok(outcome) => {
+                self.next_id += 1;
+                self.staged = None;
+                if replace && matches!(outcome, Outcome::Switched { .. }) && !per_task {
+                    self.drop_replaced(w)?;
+                }
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.patches.pop();
+                for s in &new_sites {
+                    self.sites.remove(&s.site);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Every function of `spec` resolved in the guest, its call site checked
+    /// (the ftrace NOP, or hyperpatch's own jmp), and the new sites it takes
+    /// over; nothing is written.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn resolve_funcs(
+        &self,
+        k: &Kernel<'_>,
+        records: &introspect::ftrace::FtraceRecords,
+        spec: &PatchSpec,
+    ) -> Result<(Vec<(crate::module::FuncSpec, Option<String>, u64, u64, u64)>, Vec<SiteState>)> {
         let guest_klp = k.klp_patches()?;
         let mut funcs = Vec::new();
         let mut new_sites: Vec<SiteState> = Vec::new();
+        let loaded = k.modules()?;
         for obj in &spec.objects {
+            // A module that is not loaded is patched when it loads
+            // (klp_module_coming); only loaded objects are resolved now.
+            if let Some(name) = &obj.name {
+                if !loaded.iter().any(|m| &m.name == name) {
+                    continue;
+                }
+            }
             for f in &obj.funcs {
                 let (old_addr, old_size) = match &obj.name {
                     None => {
@@ -664,98 +778,30 @@ impl Patcher {
                 funcs.push((f.clone(), obj.name.clone(), old_addr, old_size, site));
             }
         }
-        // Safety: the code running now at every site must be on no stack.
-        let mut ranges: Vec<(String, u64, u64)> =
-            funcs.iter().map(|(f, _, a, s, site)| self.current_range_or(*site, &f.old_name, *a, *s)).collect();
-        if replace {
-            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
-            for s in self.sites.values() {
-                if s.active.is_some() && !mine.contains(&s.site) {
-                    ranges.push(self.current_range(s.site, (s.site, 5)));
-                }
+        Ok((funcs, new_sites))
+    }
+
+    /// Checks the staged module's patch as `apply` will (states, every
+    /// function and its site), changing nothing: the verdict its
+    /// `klp_enable_patch()` returns.
+    pub(crate) fn check_staged(&self, k: &Kernel<'_>, records: &introspect::ftrace::FtraceRecords) -> Result<()> {
+        let staged = self.staged.as_ref().ok_or_else(|| PatchError::State("no module is loaded to apply".into()))?;
+        let spec = staged.spec.as_ref().ok_or_else(|| PatchError::State(format!("{}: its klp_patch was not read", staged.name)))?;
+        if self.patches.iter().any(|p| p.name == staged.name) {
+            return Err(PatchError::Duplicate(staged.name.clone()));
+        }
+        self.check_states(&staged.name, &spec.states, spec.replace)?;
+        self.resolve_funcs(k, records, spec)?;
+        let loaded = k.modules()?;
+        if let Some(unloaded) = spec.objects.iter().filter_map(|o| o.name.as_ref()).find(|n| !loaded.iter().any(|m| &m.name == *n)) {
+            if let Some(why) = self.calls.as_ref().and_then(|c| c.module_traps_missing.clone()) {
+                return Err(PatchError::Lifecycle {
+                    module: staged.name.clone(),
+                    detail: format!("it patches module {unloaded}, which is not loaded, and module loads cannot be followed: {why}"),
+                });
             }
         }
-        let blockers = Self::blockers(k, u, &ranges)?;
-        let per_task = !blockers.is_empty() && !opts.force && opts.per_task;
-        if !blockers.is_empty() && !opts.force && !per_task {
-            return Ok(Outcome::Blocked(blockers));
-        }
-        if self.transition.is_some() {
-            return Err(PatchError::State("a per-task transition is still running".into()));
-        }
-        // The module is placed (staged); its new functions are in it.
-        let linked = staged.linked.clone();
-        let mut pfuncs = Vec::new();
-        for (f, object, old_addr, old_size, site) in &funcs {
-            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
-                name: f.old_name.clone(),
-                detail: "new function's section was not placed".into(),
-            })?;
-            if f.new_size == 0 {
-                return Err(PatchError::Function { name: f.new_symbol.clone(), detail: "its size is unknown".into() });
-            }
-            pfuncs.push(PatchedFunc {
-                object: object.clone(),
-                old_name: f.old_name.clone(),
-                old_sympos: f.old_sympos,
-                old_addr: *old_addr,
-                old_size: *old_size,
-                site: *site,
-                new_symbol: f.new_symbol.clone(),
-                new_addr,
-                new_size: f.new_size,
-            });
-        }
-        for s in &new_sites {
-            self.sites.insert(s.site, s.clone());
-        }
-        let patch = Patch {
-            id: self.next_id,
-            name: staged.name.clone(),
-            path: staged.path.clone(),
-            enabled: true,
-            replace,
-            forced: !blockers.is_empty(),
-            states: spec.states.clone(),
-            funcs: pfuncs,
-            linked: linked.clone(),
-            exit: staged.exit,
-            this_module: staged.this_module,
-            spec: Some(spec.clone()),
-        };
-        self.patches.push(patch);
-        let mut desired = Self::desired(&self.patches);
-        if replace {
-            // Nops: every site the new patch does not change returns to the original code.
-            let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
-            for (site, t) in desired.iter_mut() {
-                if !mine.contains(site) {
-                    *t = None;
-                }
-            }
-        }
-        let switched = if per_task {
-            self.start_task_transition(k, w, u, &staged.name, desired, ranges, None, replace)
-        } else {
-            self.switch_sites(k, w, &desired).map(|n| Outcome::Switched { sites: n, forced: !blockers.is_empty() })
-        };
-        match switched {
-            Ok(outcome) => {
-                self.next_id += 1;
-                self.staged = None;
-                if replace && matches!(outcome, Outcome::Switched { .. }) && !per_task {
-                    self.drop_replaced(w)?;
-                }
-                Ok(outcome)
-            }
-            Err(e) => {
-                self.patches.pop();
-                for s in &new_sites {
-                    self.sites.remove(&s.site);
-                }
-                Err(e)
-            }
-        }
+        Ok(())
     }
 
     /// The patch in a per-task transition, if any.
@@ -858,6 +904,7 @@ impl Patcher {
             new_ranges,
             reversed: false,
             applying: enable_to.is_none(),
+            forced: false,
         });
         self.advance(k, w, u)
     }
@@ -885,7 +932,7 @@ impl Patcher {
             if state == to || (tr.reversed && state != from) {
                 continue;
             }
-            let b = Self::blockers_of(k, u, ranges, std::slice::from_ref(t))?;
+            let b = if tr.forced { Vec::new() } else { Self::blockers_of(k, u, ranges, std::slice::from_ref(t))? };
             if b.is_empty() {
                 w.write_phys(k.mem.translate(addr)?, &to.to_le_bytes())?;
             } else {
@@ -919,6 +966,12 @@ impl Patcher {
         if let Some(en) = tr.enable_to {
             if let Some(p) = self.patches.iter_mut().find(|p| p.name == tr.patch) {
                 p.enabled = en;
+            }
+        }
+        if tr.forced {
+            // Some task may still run the code it left: never freed.
+            for p in self.patches.iter_mut() {
+                p.forced = true;
             }
         }
         self.transition = None;
@@ -970,9 +1023,15 @@ impl Patcher {
         }
         self.transition = None;
         if tr.applying {
+            // As upstream frees a patch whose enabling was reversed: it
+            // leaves the stack; its module's exit runs before its memory is
+            // freed (the caller reaps it).
             if let Some(i) = self.patches.iter().position(|p| p.name == tr.patch) {
                 self.patches[i].enabled = false;
-                self.remove(w, &tr.patch)?;
+                let p = self.patches.remove(i);
+                let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
+                self.sites.retain(|site, _| still.contains(site));
+                self.retired.push(p);
             }
         }
         Ok(Outcome::Switched { sites: 0, forced: false })
@@ -981,8 +1040,7 @@ impl Patcher {
     /// Forces the running per-task transition to complete now (unsafe).
     pub fn force_transition(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
         if let Some(tr) = self.transition.as_mut() {
-            tr.old_ranges.clear();
-            tr.new_ranges.clear();
+            tr.forced = true;
         }
         match self.advance(k, w, u)? {
             Outcome::Switched { sites, .. } => Ok(Outcome::Switched { sites, forced: true }),
@@ -1017,22 +1075,15 @@ impl Patcher {
         Ok(())
     }
 
-    /// After a replacing transition: the other patches leave the stack, their
-    /// memory is zeroed and freed, and sites nobody changes any more are forgotten.
-    fn drop_replaced(&mut self, w: &dyn GuestWriter) -> Result<()> {
+    /// After a replacing transition: the other patches leave the stack
+    /// (their callbacks do not run), and sites nobody changes any more are
+    /// forgotten. Their modules are retired: the caller runs their exits
+    /// and then frees them (`take_retired`, `free_retired`).
+    fn drop_replaced(&mut self, _w: &dyn GuestWriter) -> Result<()> {
         let Some(last) = self.patches.pop() else { return Ok(()) };
         let old = std::mem::take(&mut self.patches);
         self.patches.push(last);
-        if let Some(region) = self.region.as_mut() {
-            for p in &old {
-                for (pa, bytes) in &p.linked.images {
-                    w.write_phys(*pa, &vec![0u8; bytes.len()])?;
-                }
-                for a in &p.linked.allocations {
-                    region.free(a);
-                }
-            }
-        }
+        self.retired.extend(old);
         let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
         self.sites.retain(|site, _| still.contains(site));
         Ok(())
@@ -1066,6 +1117,18 @@ impl Patcher {
         if self.patches[i].enabled == enabled {
             return Err(PatchError::State(format!("patch {name} is already {}", if enabled { "enabled" } else { "disabled" })));
         }
+        if enabled {
+            // Re-enabling is checked like a new patch: it may not lower a
+            // state's version (Linux refuses re-enabling altogether; see
+            // docs/LIFECYCLE.md).
+            let mut others = self.patches.clone();
+            others.remove(i);
+            let (me_name, me_states, me_replace) = (self.patches[i].name.clone(), self.patches[i].states.clone(), self.patches[i].replace);
+            let saved = std::mem::replace(&mut self.patches, others);
+            let r = self.check_states(&me_name, &me_states, me_replace);
+            self.patches = saved;
+            r?;
+        }
         let mut next = self.patches.clone();
         next[i].enabled = enabled;
         let desired = Self::desired(&next);
@@ -1095,6 +1158,33 @@ impl Patcher {
             self.patches[i].forced = true;
         }
         Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
+    }
+
+    /// Patches that left the stack and wait for their module's exit.
+    pub fn take_retired(&mut self) -> Vec<Patch> {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Frees a retired patch's memory once its exit has run: zeroed and
+    /// freed, unless it was forced (a task may still be in its code, as
+    /// Linux keeps a forced patch's module forever) or `keep` (its exit did
+    /// not return).
+    pub fn free_retired(&mut self, w: &dyn GuestWriter, p: Patch, keep: bool) -> Result<()> {
+        if keep || p.forced {
+            self.lost.extend(p.linked.allocations);
+            return Ok(());
+        }
+        for (pa, bytes) in &p.linked.images {
+            w.write_phys(*pa, &vec![0u8; bytes.len()])?;
+        }
+        let region = self.region_mut()?;
+        for a in &p.linked.allocations {
+            region.free(a);
+        }
+        if region.used_bytes() == 0 {
+            region.unmap(w)?;
+        }
+        Ok(())
     }
 
     /// The exit function of patch `name`, which must be disabled (`remove`
@@ -1133,6 +1223,12 @@ impl Patcher {
         // original bytes: the patch was disabled).
         let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
         self.sites.retain(|site, _| still.contains(site));
+        if p.forced {
+            // A forced transition may have left a task in its code: Linux
+            // keeps a forced patch's module forever, and so does hyperpatch.
+            self.lost.extend(p.linked.allocations);
+            return Ok(());
+        }
         let region = self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))?;
         for (pa, bytes) in &p.linked.images {
             w.write_phys(*pa, &vec![0u8; bytes.len()])?;

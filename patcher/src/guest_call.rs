@@ -62,10 +62,28 @@ const OFF_RESULT: u64 = 64;
 const OFF_IRQ_WORK: u64 = 128;
 /// String arguments live here, NUL-terminated.
 const OFF_SCRATCH: u64 = 320;
-/// After the slots: the `klp_enable_patch` hook's call count and argument.
+/// After the slots: the `klp_enable_patch` hook's call count, argument,
+/// whether its first call waits for the host's verdict, the verdict's
+/// presence and value.
 const HOOK_COUNT: u64 = SLOT_SIZE * SLOTS as u64;
 const HOOK_PTR: u64 = HOOK_COUNT + 8;
-const DATA_SIZE: u64 = HOOK_COUNT + 64;
+const HOOK_WAITING: u64 = HOOK_COUNT + 16;
+const HOOK_READY: u64 = HOOK_COUNT + 20;
+const HOOK_VERDICT: u64 = HOOK_COUNT + 24;
+/// Module events (a module coming or going, caught at the guest's
+/// `klp_module_coming`/`klp_module_going`): a lock, whether a task waits for
+/// the host, the host's answer being there, the answer, the event's kind and
+/// its `struct module`.
+const EV_BUSY: u64 = HOOK_COUNT + 64;
+const EV_WAITING: u64 = EV_BUSY + 4;
+const EV_READY: u64 = EV_BUSY + 8;
+const EV_VERDICT: u64 = EV_BUSY + 12;
+const EV_KIND: u64 = EV_BUSY + 16;
+const EV_MOD: u64 = EV_BUSY + 24;
+const DATA_SIZE: u64 = HOOK_COUNT + 128;
+/// `EV_KIND` values.
+pub const EVENT_COMING: u32 = 1;
+pub const EVENT_GOING: u32 = 2;
 /// `-EBUSY` (errno values are the kernel's ABI), what the hook returns to a
 /// second `klp_enable_patch()`.
 const EBUSY: i32 = 16;
@@ -135,6 +153,16 @@ pub struct CallEngine {
     work_fn: u64,
     /// hyperpatch's `klp_enable_patch()`: records its argument for the host.
     pub hook_fn: u64,
+    /// Where a task entering the guest's `klp_module_coming` or
+    /// `klp_module_going` is sent (a trap redirects it): it reports the
+    /// module to the host, sleeps until the host has patched or unpatched
+    /// it, then continues into the original function (`coming` may return
+    /// the host's error instead). (trap address, redirect) pairs.
+    #[serde(default)]
+    pub module_traps: Vec<(u64, u64)>,
+    /// Why module loads and unloads cannot be followed, if they cannot.
+    #[serde(default)]
+    pub module_traps_missing: Option<String>,
     /// IDT vector of the guest's irq_work interrupt.
     pub vector: u8,
     /// CPU 0's `raised_list`.
@@ -266,7 +294,7 @@ impl CallEngine {
         let layout = Self::layout(k)?;
         let vector = Self::irq_work_vector(k)?;
         let raised_list = k.per_cpu("raised_list", 0)?;
-        let text = region.alloc(AreaKind::Text, 256, 64)?;
+        let text = region.alloc(AreaKind::Text, 512, 64)?;
         let data = match region.alloc(AreaKind::Data, DATA_SIZE, 64) {
             Ok(d) => d,
             Err(e) => {
@@ -275,7 +303,7 @@ impl CallEngine {
             }
         };
         let r = Self::write_code(k, w, &text, &data, layout);
-        let (code, [irq_fn, work_fn, hook_fn], orc) = match r {
+        let (code, [irq_fn, work_fn, hook_fn], module_traps, module_traps_missing, orc) = match r {
             Ok(x) => x,
             Err(e) => {
                 region.free(&text);
@@ -289,7 +317,7 @@ impl CallEngine {
             region.free(&data);
             return Err(e);
         }
-        Ok(CallEngine { text, data, layout, irq_fn, work_fn, hook_fn, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
+        Ok(CallEngine { text, data, layout, irq_fn, work_fn, hook_fn, module_traps, module_traps_missing, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
     }
 
     /// The allocations the engine holds (never freed).
@@ -349,7 +377,13 @@ impl CallEngine {
     /// The routines at `text`; their addresses (irq_fn, work_fn, hook) and
     /// ORC entries.
     #[allow(clippy::type_complexity)]
-    fn write_code(k: &Kernel<'_>, _w: &dyn GuestWriter, text: &Allocation, data: &Allocation, l: Layout) -> Result<(Vec<u8>, [u64; 3], (Vec<u64>, Vec<OrcEntry>))> {
+    fn write_code(
+        k: &Kernel<'_>,
+        _w: &dyn GuestWriter,
+        text: &Allocation,
+        data: &Allocation,
+        l: Layout,
+    ) -> Result<(Vec<u8>, [u64; 3], Vec<(u64, u64)>, Option<String>, (Vec<u64>, Vec<OrcEntry>))> {
         let style = CodeStyle::of(k)?;
         let queue_work_on = k.sym("queue_work_on")?;
         let system_wq = k.sym("system_wq")?;
@@ -403,7 +437,11 @@ impl CallEngine {
         }
 
         // hook(struct klp_patch *patch): the module's klp_enable_patch().
-        // The first call records `patch` and returns 0; later ones -EBUSY.
+        // The first call records `patch`, then sleeps a jiffy at a time
+        // until the host has checked the patch and run its pre-patch
+        // callbacks, and returns the host's verdict (0 or -errno), as
+        // upstream's klp_enable_patch() returns theirs. Later calls -EBUSY.
+        let sleep = k.sym("schedule_timeout_uninterruptible")?;
         let hook_fn = c.at();
         ips.push(hook_fn);
         entries.push(orc(8));
@@ -413,10 +451,16 @@ impl CallEngine {
         c.bytes(&[0x48, 0xff, 0xc0]); // inc rax
         c.riprel(&[0x48, 0x89, 0x05], count, &[])?; // mov [rip + count], rax
         c.bytes(&[0x48, 0x83, 0xf8, 0x01]); // cmp rax, 1
-        let mut first = Code { base: 0, b: Vec::new() };
-        first.base = c.at() + 2;
+        let mut first = Code { base: c.at() + 2, b: Vec::new() };
         first.riprel(&[0x48, 0x89, 0x3d], data.virt + HOOK_PTR, &[])?; // mov [rip + ptr], rdi
-        first.bytes(&[0x31, 0xc0]); // xor eax, eax
+        first.riprel(&[0xc7, 0x05], data.virt + HOOK_WAITING, &1u32.to_le_bytes())?; // mov dword [rip + waiting], 1
+        let again = first.at();
+        first.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
+        first.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
+        first.riprel(&[0x83, 0x3d], data.virt + HOOK_READY, &[0])?; // cmp dword [rip + ready], 0
+        let back = i8::try_from(i64::try_from(again).unwrap_or(0) - i64::try_from(first.at() + 2).unwrap_or(0)).map_err(|_| lerr("hook loop"))?;
+        first.bytes(&[0x74, back as u8]); // je again
+        first.riprel(&[0x8b, 0x05], data.virt + HOOK_VERDICT, &[])?; // mov eax, [rip + verdict]
         style.ret(&mut first)?;
         let skip = u8::try_from(first.b.len()).map_err(|_| lerr("hook"))?;
         c.bytes(&[0x75, skip]); // jne busy
@@ -424,13 +468,83 @@ impl CallEngine {
         c.bytes(&[0xb8]); // busy: mov eax, -EBUSY
         c.bytes(&(-EBUSY).to_le_bytes());
         style.ret(&mut c)?;
+
+        // The module-event stubs, entered in place of klp_module_coming /
+        // klp_module_going (rdi = struct module *), in the task loading or
+        // unloading the module (process context).
+        let mut module_traps = Vec::new();
+        let mut missing = None;
+        for (func, kind) in [("klp_module_coming", EVENT_COMING), ("klp_module_going", EVENT_GOING)] {
+            let Ok(entry) = k.sym(func) else {
+                missing = Some(format!("the guest has no {func}"));
+                continue;
+            };
+            let head = k.mem.read_bytes(entry, 9)?;
+            let skip = if head.get(..4) == Some(&ENDBR64[..]) { 4 } else { 0 };
+            if head.get(skip..skip + 5) != Some(&introspect::ftrace::NOP5[..]) {
+                // Traced or patched by the guest: its entry cannot be replayed.
+                missing = Some(format!("{func} does not start with the ftrace NOP (traced or patched by the guest?)"));
+                continue;
+            }
+            let cont = entry + skip as u64 + 5;
+            while !c.b.len().is_multiple_of(16) {
+                c.bytes(&[0xcc]);
+            }
+            let stub = c.at();
+            ips.push(stub);
+            entries.push(orc(8));
+            c.bytes(&[0x57]); // push rdi
+            ips.push(c.at());
+            entries.push(orc(16));
+            let acquire = c.at();
+            c.bytes(&[0xb8, 1, 0, 0, 0]); // mov eax, 1
+            c.riprel(&[0x87, 0x05], data.virt + EV_BUSY, &[])?; // xchg [rip + busy], eax
+            c.bytes(&[0x85, 0xc0]); // test eax, eax
+            let jz_at = c.b.len();
+            c.bytes(&[0x74, 0]); // jz got (patched below)
+            c.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
+            c.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
+            let back = i64::try_from(acquire).unwrap_or(0) - i64::try_from(c.at() + 2).unwrap_or(0);
+            c.bytes(&[0xeb, i8::try_from(back).map_err(|_| lerr("stub loop"))? as u8]); // jmp acquire
+            let got = c.b.len();
+            if let Some(b) = c.b.get_mut(jz_at + 1) {
+                *b = u8::try_from(got - (jz_at + 2)).map_err(|_| lerr("stub"))?;
+            }
+            c.bytes(&[0x48, 0x8b, 0x3c, 0x24]); // mov rdi, [rsp]
+            c.riprel(&[0x48, 0x89, 0x3d], data.virt + EV_MOD, &[])?; // mov [rip + mod], rdi
+            c.riprel(&[0xc7, 0x05], data.virt + EV_KIND, &kind.to_le_bytes())?; // mov dword [rip + kind], kind
+            c.riprel(&[0xc7, 0x05], data.virt + EV_READY, &0u32.to_le_bytes())?; // mov dword [rip + ready], 0
+            c.riprel(&[0xc7, 0x05], data.virt + EV_WAITING, &1u32.to_le_bytes())?; // mov dword [rip + waiting], 1
+            let wait = c.at();
+            c.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
+            c.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
+            c.riprel(&[0x83, 0x3d], data.virt + EV_READY, &[0])?; // cmp dword [rip + ready], 0
+            let back = i64::try_from(wait).unwrap_or(0) - i64::try_from(c.at() + 2).unwrap_or(0);
+            c.bytes(&[0x74, i8::try_from(back).map_err(|_| lerr("stub wait"))? as u8]); // je wait
+            c.riprel(&[0x8b, 0x05], data.virt + EV_VERDICT, &[])?; // mov eax, [rip + verdict]
+            c.riprel(&[0xc7, 0x05], data.virt + EV_WAITING, &0u32.to_le_bytes())?; // waiting = 0
+            c.riprel(&[0xc7, 0x05], data.virt + EV_BUSY, &0u32.to_le_bytes())?; // busy = 0 (release)
+            c.bytes(&[0x5f]); // pop rdi
+            ips.push(c.at());
+            entries.push(orc(8));
+            if kind == EVENT_COMING {
+                c.bytes(&[0x85, 0xc0]); // test eax, eax
+                c.bytes(&[0x74, 0x01]); // jz continue
+                c.bytes(&[0xc3]); // ret (the host's error)
+            }
+            c.rel(&[0xe9], cont)?; // jmp into the original, past its ftrace NOP
+            module_traps.push((entry, stub));
+        }
         // Past the end: no ORC (an address here is unknown).
         ips.push(c.at());
         entries.push(OrcEntry { sp_reg: orc_reg::UNDEFINED, ..orc(0) });
         if c.b.len() as u64 > text.size {
             return Err(lerr(format!("routines need {} bytes, {} allocated", c.b.len(), text.size)));
         }
-        Ok((c.b, [irq_fn, work_fn, hook_fn], (ips, entries)))
+        if missing.is_some() {
+            module_traps.clear();
+        }
+        Ok((c.b, [irq_fn, work_fn, hook_fn], module_traps, missing, (ips, entries)))
     }
 
     fn slot_addr(&self, slot: usize) -> (u64, u64) {
@@ -556,7 +670,7 @@ impl CallEngine {
 
     /// Clears the `klp_enable_patch` hook's record before a module's init.
     pub fn reset_hook(&self, w: &dyn GuestWriter) -> Result<()> {
-        w.write_phys(self.data.phys + HOOK_COUNT, &[0u8; 16])
+        w.write_phys(self.data.phys + HOOK_COUNT, &[0u8; 32])
     }
 
     /// How often the hook was called since the reset, and its first argument.
@@ -564,6 +678,43 @@ impl CallEngine {
         let count = k.mem.read_u64(self.data.virt + HOOK_COUNT)?;
         let ptr = k.mem.read_u64(self.data.virt + HOOK_PTR)?;
         Ok((count, ptr))
+    }
+
+    /// The hook's first call waits for a verdict (read without stopping
+    /// the guest): the guest-physical address of its flag.
+    pub fn hook_waiting_phys(&self) -> u64 {
+        self.data.phys + HOOK_WAITING
+    }
+
+    /// Gives the waiting hook its return value (0 or -errno).
+    pub fn hook_verdict(&self, w: &dyn GuestWriter, ret: i32) -> Result<()> {
+        w.write_phys(self.data.phys + HOOK_VERDICT, &ret.to_le_bytes())?;
+        w.write_phys(self.data.phys + HOOK_READY, &1u32.to_le_bytes())
+    }
+
+    /// A module event waiting for the host, read without stopping the
+    /// guest: (kind, struct module address), when one waits unanswered.
+    pub fn pending_event(&self, phys: &dyn introspect::PhysMem) -> Result<Option<(u32, u64)>> {
+        let mut b = [0u8; 32];
+        phys.read_phys(self.data.phys + EV_BUSY, &mut b)?;
+        let u = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let (waiting, ready, kind) = (u(4), u(8), u(16));
+        if waiting != 1 || ready != 0 {
+            return Ok(None);
+        }
+        let m = u64::from_le_bytes([b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31]]);
+        Ok(Some((kind, m)))
+    }
+
+    /// Answers the waiting module event (0, or -errno to fail a load).
+    pub fn answer_event(&self, w: &dyn GuestWriter, ret: i32) -> Result<()> {
+        w.write_phys(self.data.phys + EV_VERDICT, &ret.to_le_bytes())?;
+        w.write_phys(self.data.phys + EV_READY, &1u32.to_le_bytes())
+    }
+
+    /// Whether a task is inside a module-event stub (waiting or leaving).
+    pub fn event_busy(&self, k: &Kernel<'_>) -> Result<bool> {
+        Ok(k.mem.read_u32(self.data.virt + EV_BUSY)? != 0)
     }
 
     /// Slots by state.

@@ -150,7 +150,7 @@ pub fn read_patch(k: &Kernel<'_>, addr: u64, this_module: u64, m: &PatchModule, 
             funcs.push(FuncSpec { old_name, old_sympos, new_section, new_offset, new_symbol, new_size, addr: funcs_ptr });
             funcs_ptr = add(funcs_ptr, l.func_size)?;
         }
-        objects.push(ObjectSpec { name, funcs, callbacks, addr: objs });
+        objects.push(ObjectSpec { name, funcs, callbacks, addr: objs, post_unpatch_enabled: false });
         objs = add(objs, l.obj_size)?;
     }
     if objects.is_empty() {
@@ -172,5 +172,5 @@ pub fn read_patch(k: &Kernel<'_>, addr: u64, this_module: u64, m: &PatchModule, 
             sp = add(sp, l.state_size)?;
         }
     }
-    Ok(PatchSpec { replace, objects, states, addr })
+    Ok(PatchSpec { replace, objects, states, addr, skip_callbacks: false })
 }

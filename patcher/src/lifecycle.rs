@@ -122,9 +122,10 @@ impl Patcher {
         self.staged.as_ref()
     }
 
-    /// The staged module's init returned `ret` (every vCPU stopped): reads
-    /// what it handed to `klp_enable_patch()`.
-    pub fn init_returned(&mut self, k: &Kernel<'_>, m: &PatchModule, ret: i64) -> Result<()> {
+    /// The staged module's init returned `ret` (every vCPU stopped). It
+    /// must have succeeded, and called `klp_enable_patch()` exactly once
+    /// (whose patch `enable_called` read).
+    pub fn init_returned(&mut self, k: &Kernel<'_>, ret: i64) -> Result<()> {
         let st = self.staged.as_mut().ok_or_else(|| PatchError::State("no module is being loaded".into()))?;
         let name = st.name.clone();
         let lerr = |detail: String| PatchError::Lifecycle { module: name.clone(), detail };
@@ -133,16 +134,34 @@ impl Patcher {
             return Err(lerr(format!("its init failed with {ret32} ({})", errno_name(ret32))));
         }
         st.init_ok = true;
-        let (count, ptr) = self.calls.as_ref().ok_or_else(|| PatchError::State("guest-call engine".into()))?.hook_record(k)?;
-        let st = self.staged.as_mut().ok_or_else(|| PatchError::State("staged".into()))?;
+        let (count, _) = self.calls.as_ref().ok_or_else(|| PatchError::State("guest-call engine".into()))?.hook_record(k)?;
+        let st = self.staged.as_ref().ok_or_else(|| PatchError::State("staged".into()))?;
         match count {
             0 => return Err(lerr("its init returned 0 without calling klp_enable_patch()".into())),
             1 => {}
             n => return Err(lerr(format!("its init called klp_enable_patch() {n} times"))),
         }
-        let spec = crate::klp_read::read_patch(k, ptr, st.this_module, m, &st.linked)?;
-        st.spec = Some(spec);
+        if st.spec.is_none() {
+            return Err(lerr("its klp_patch was never read".into()));
+        }
         Ok(())
+    }
+
+    /// Marks the staged module's patch as applied with `skip_callbacks`.
+    pub fn set_skip_callbacks(&mut self, skip: bool) {
+        if let Some(spec) = self.staged.as_mut().and_then(|s| s.spec.as_mut()) {
+            spec.skip_callbacks = skip;
+        }
+    }
+
+    /// Whether patch `name` runs its callbacks.
+    pub fn runs_callbacks(&self, name: &str) -> bool {
+        self.spec_of(name).is_some_and(|s| !s.skip_callbacks)
+    }
+
+    /// Whether patch `name` is on the stack and enabled.
+    pub fn is_enabled(&self, name: &str) -> Option<bool> {
+        self.patches.iter().find(|p| p.name == name).map(|p| p.enabled)
     }
 
     /// Unplaces the staged module (its exit has run, or its init failed):
@@ -220,5 +239,235 @@ pub fn errno_name(ret: i32) -> &'static str {
         95 => "EOPNOTSUPP",
         110 => "ETIMEDOUT",
         _ => "errno",
+    }
+}
+
+/// Which klp callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackKind {
+    PrePatch,
+    PostPatch,
+    PreUnpatch,
+    PostUnpatch,
+}
+
+/// One callback to run: `func(obj)`.
+#[derive(Clone, Debug)]
+pub struct CallbackCall {
+    /// Index of the object in the patch.
+    pub object: usize,
+    pub func: u64,
+    /// Guest address of the `struct klp_object` (its argument).
+    pub obj: u64,
+    /// The object's name ("vmlinux" or a module).
+    pub name: String,
+}
+
+impl Patcher {
+    fn spec_mut(&mut self, name: &str) -> Option<&mut PatchSpec> {
+        if let Some(st) = self.staged.as_mut().filter(|s| s.name == name) {
+            return st.spec.as_mut();
+        }
+        self.patches.iter_mut().chain(self.retired.iter_mut()).find(|p| p.name == name).and_then(|p| p.spec.as_mut())
+    }
+
+    fn spec_of(&self, name: &str) -> Option<&PatchSpec> {
+        if let Some(st) = self.staged.as_ref().filter(|s| s.name == name) {
+            return st.spec.as_ref();
+        }
+        self.patches.iter().chain(self.retired.iter()).find(|p| p.name == name).and_then(|p| p.spec.as_ref())
+    }
+
+    /// The staged module's init called `klp_enable_patch()` and waits for
+    /// the verdict (every vCPU stopped): reads the klp_patch it handed over
+    /// and binds its objects to the loaded modules (`obj->mod`, as
+    /// `klp_init_object_loaded` does), then checks it as `apply` will.
+    pub fn enable_called(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, m: &PatchModule, records: &introspect::ftrace::FtraceRecords) -> Result<()> {
+        let st = self.staged.as_ref().ok_or_else(|| PatchError::State("no module is being loaded".into()))?;
+        let (count, ptr) = self.calls.as_ref().ok_or_else(|| PatchError::State("guest-call engine".into()))?.hook_record(k)?;
+        if count != 1 {
+            return Err(PatchError::Lifecycle { module: st.name.clone(), detail: format!("klp_enable_patch() was called {count} times") });
+        }
+        let spec = crate::klp_read::read_patch(k, ptr, st.this_module, m, &st.linked)?;
+        let mod_off = k.btf.member_offset("klp_object", "mod")?;
+        let modules = k.modules()?;
+        for o in &spec.objects {
+            let Some(name) = &o.name else { continue };
+            if let Some(md) = modules.iter().find(|x| &x.name == name) {
+                let at = o.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(o.addr)))?;
+                w.write_phys(k.mem.translate(at)?, &md.addr.to_le_bytes())?;
+            }
+        }
+        if let Some(st) = self.staged.as_mut() {
+            st.spec = Some(spec);
+        }
+        self.check_staged(k, records)
+    }
+
+    /// The callbacks of `kind` to run now for patch `name` (staged, on the
+    /// stack or retired): those of its loaded objects (vmlinux, or a module
+    /// that is loaded); post-unpatch only where the pre-patch ran.
+    pub fn callbacks(&self, k: &Kernel<'_>, name: &str, kind: CallbackKind) -> Result<Vec<CallbackCall>> {
+        let Some(spec) = self.spec_of(name) else { return Ok(Vec::new()) };
+        let modules = k.modules()?;
+        let mut out = Vec::new();
+        for (i, o) in spec.objects.iter().enumerate() {
+            let loaded = match &o.name {
+                None => true,
+                Some(n) => modules.iter().any(|m| &m.name == n),
+            };
+            if !loaded {
+                continue;
+            }
+            let func = match kind {
+                CallbackKind::PrePatch => o.callbacks.pre_patch,
+                CallbackKind::PostPatch => o.callbacks.post_patch,
+                CallbackKind::PreUnpatch => o.callbacks.pre_unpatch,
+                CallbackKind::PostUnpatch if o.post_unpatch_enabled => o.callbacks.post_unpatch,
+                CallbackKind::PostUnpatch => 0,
+            };
+            // pre_patch also runs (as a no-op) for objects without one: it
+            // arms their post-unpatch.
+            if func != 0 || kind == CallbackKind::PrePatch {
+                out.push(CallbackCall { object: i, func, obj: o.addr, name: o.name.clone().unwrap_or_else(|| "vmlinux".into()) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records whether object `object` of patch `name` may run its
+    /// post-unpatch callback.
+    pub fn set_post_unpatch_enabled(&mut self, name: &str, object: usize, enabled: bool) {
+        if let Some(o) = self.spec_mut(name).and_then(|s| s.objects.get_mut(object)) {
+            o.post_unpatch_enabled = enabled;
+        }
+    }
+}
+
+impl Patcher {
+    /// Every (patch, object index) that names module `module`, in stack
+    /// order: the patches to apply to it when it loads (patches on the
+    /// stack, enabled, as upstream keeps only enabled patches).
+    pub fn objects_for_module(&self, module: &str) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for p in self.patches.iter().filter(|p| p.enabled) {
+            if let Some(spec) = &p.spec {
+                for (i, o) in spec.objects.iter().enumerate() {
+                    if o.name.as_deref() == Some(module) {
+                        out.push((p.name.clone(), i));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Sets `obj->mod` of object `object` of patch `patch` (every vCPU
+    /// stopped), as `klp_find_object_module` does for a loaded module.
+    pub fn bind_object(&self, k: &Kernel<'_>, w: &dyn GuestWriter, patch: &str, object: usize, mod_addr: u64) -> Result<()> {
+        let obj = self
+            .spec_of(patch)
+            .and_then(|s| s.objects.get(object))
+            .ok_or_else(|| PatchError::State(format!("{patch} has no object {object}")))?;
+        let mod_off = k.btf.member_offset("klp_object", "mod")?;
+        let at = obj.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(obj.addr)))?;
+        w.write_phys(k.mem.translate(at)?, &mod_addr.to_le_bytes())
+    }
+
+    /// Module `module` (its `struct module` at `mod_addr`) is coming (every
+    /// vCPU stopped, its init not run yet): binds object `object` of patch
+    /// `patch` to it (`obj->mod`) and patches its functions, as
+    /// `klp_init_object_loaded` and `klp_patch_object` do. Its code never
+    /// ran, so its sites switch at once.
+    pub fn patch_coming_object(
+        &mut self,
+        k: &Kernel<'_>,
+        w: &dyn GuestWriter,
+        records: &introspect::ftrace::FtraceRecords,
+        patch: &str,
+        object: usize,
+        mod_addr: u64,
+    ) -> Result<usize> {
+        let i = self.patches.iter().position(|p| p.name == patch).ok_or_else(|| PatchError::NoPatch(patch.into()))?;
+        let spec = self.patches[i].spec.clone().ok_or_else(|| PatchError::State(format!("{patch} has no klp_patch")))?;
+        let obj = spec.objects.get(object).ok_or_else(|| PatchError::State(format!("{patch} has no object {object}")))?;
+        let mod_off = k.btf.member_offset("klp_object", "mod")?;
+        let at = obj.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(obj.addr)))?;
+        w.write_phys(k.mem.translate(at)?, &mod_addr.to_le_bytes())?;
+        let one = PatchSpec { objects: vec![obj.clone()], ..spec.clone() };
+        let (funcs, new_sites) = self.resolve_funcs(k, records, &one)?;
+        let linked = self.patches[i].linked.clone();
+        for (f, objname, old_addr, old_size, site) in &funcs {
+            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
+                name: f.old_name.clone(),
+                detail: "new function's section was not placed".into(),
+            })?;
+            self.patches[i].funcs.push(crate::engine::PatchedFunc {
+                object: objname.clone(),
+                old_name: f.old_name.clone(),
+                old_sympos: f.old_sympos,
+                old_addr: *old_addr,
+                old_size: *old_size,
+                site: *site,
+                new_symbol: f.new_symbol.clone(),
+                new_addr,
+                new_size: f.new_size,
+            });
+        }
+        for s in &new_sites {
+            self.sites.insert(s.site, s.clone());
+        }
+        let desired = Self::desired(&self.patches);
+        match self.switch_sites(k, w, &desired) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.patches[i].funcs.retain(|f| f.object.as_deref() != obj.name.as_deref());
+                for s in &new_sites {
+                    self.sites.remove(&s.site);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Module `module` is going (every vCPU stopped, its exit has run, its
+    /// text not freed yet): every site in it returns to its original bytes
+    /// and is forgotten, and the objects naming it are unbound.
+    pub fn unpatch_going_module(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, module: &str) -> Result<usize> {
+        let gone: Vec<u64> = self
+            .patches
+            .iter()
+            .flat_map(|p| p.funcs.iter())
+            .filter(|f| f.object.as_deref() == Some(module))
+            .map(|f| f.site)
+            .collect();
+        let mut desired = Self::desired(&self.patches);
+        for s in &gone {
+            desired.insert(*s, None);
+        }
+        let n = self.switch_sites(k, w, &desired)?;
+        for p in self.patches.iter_mut() {
+            p.funcs.retain(|f| f.object.as_deref() != Some(module));
+        }
+        for s in &gone {
+            self.sites.remove(s);
+        }
+        let mod_off = k.btf.member_offset("klp_object", "mod")?;
+        for p in &self.patches {
+            for o in p.spec.iter().flat_map(|s| &s.objects).filter(|o| o.name.as_deref() == Some(module)) {
+                let at = o.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(o.addr)))?;
+                w.write_phys(k.mem.translate(at)?, &0u64.to_le_bytes())?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The traps that catch module loads and unloads, once the guest-call
+    /// routines are placed and a patch or module needs them.
+    pub fn module_traps(&self) -> Vec<(u64, u64)> {
+        if self.patches.is_empty() && self.staged.is_none() {
+            return Vec::new();
+        }
+        self.calls.as_ref().map(|c| c.module_traps.clone()).unwrap_or_default()
     }
 }

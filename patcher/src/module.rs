@@ -111,6 +111,11 @@ pub struct ObjectSpec {
     /// Guest address of this `struct klp_object`.
     #[serde(default)]
     pub addr: u64,
+    /// Its pre-patch callback ran and succeeded (or it has none) since it
+    /// was last unpatched: its post-unpatch callback may run
+    /// (`callbacks.post_unpatch_enabled` upstream).
+    #[serde(default)]
+    pub post_unpatch_enabled: bool,
 }
 
 /// A `klp_state`.
@@ -129,6 +134,9 @@ pub struct PatchSpec {
     /// Guest address of the `struct klp_patch`.
     #[serde(default)]
     pub addr: u64,
+    /// Applied with `skip_callbacks`: none of its callbacks ever run.
+    #[serde(default)]
+    pub skip_callbacks: bool,
 }
 
 /// A parsed livepatch module.

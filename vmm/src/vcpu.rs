@@ -50,6 +50,41 @@ pub struct RunState {
     pub step_request: Option<usize>,
     /// The answer to `step_request`: (vCPU index, outcome).
     pub step_result: Option<(usize, Result<StepOutcome, String>)>,
+    /// Execution traps (at most 4, hardware breakpoints at CPL0): a vCPU
+    /// reaching `addr` continues at `redirect`. Each vCPU thread applies a
+    /// new generation before its next KVM_RUN.
+    pub traps: Vec<ExecTrap>,
+    pub traps_generation: u64,
+}
+
+/// One execution trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecTrap {
+    pub addr: u64,
+    pub redirect: u64,
+}
+
+/// The KVM_SET_GUEST_DEBUG setting for `traps`, plus single-stepping.
+fn guest_debug(traps: &[ExecTrap], step: bool) -> kvm_bindings::kvm_guest_debug {
+    let mut d = kvm_bindings::kvm_guest_debug::default();
+    if traps.is_empty() && !step {
+        return d;
+    }
+    d.control = kvm_bindings::KVM_GUESTDBG_ENABLE;
+    if step {
+        d.control |= kvm_bindings::KVM_GUESTDBG_SINGLESTEP | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ;
+    }
+    if !traps.is_empty() {
+        d.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+        // DR7: bit 10 is reserved as 1; L0..L3 enable, R/W and LEN 00 (execute, 1 byte).
+        let mut dr7 = 1u64 << 10;
+        for (i, t) in traps.iter().take(4).enumerate() {
+            d.arch.debugreg[i] = t.addr;
+            dr7 |= 1 << (2 * i);
+        }
+        d.arch.debugreg[7] = dr7;
+    }
+    d
 }
 
 /// The controller's handle on the vCPU threads' state.
@@ -131,12 +166,25 @@ impl VcpuThread {
             let p: *mut kvm_run = fd.get_kvm_run();
             KVM_RUN_PTR.with(|c| c.set(p));
         }
+        let mut applied_generation = 0u64;
+        let mut traps: Vec<ExecTrap> = Vec::new();
         loop {
             clear_immediate_exit();
             {
                 let mut st = self.control.lock();
                 if st.exit.is_some() {
                     break;
+                }
+                if st.traps_generation != applied_generation {
+                    applied_generation = st.traps_generation;
+                    traps = st.traps.clone();
+                    let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = fd.set_guest_debug(&guest_debug(&traps, false)) {
+                        drop(fd);
+                        drop(st);
+                        self.control.set_exit(VmExit::Error(format!("vCPU {}: KVM_SET_GUEST_DEBUG for traps: {e}", self.index)));
+                        break;
+                    }
                 }
                 if st.pause_requested {
                     st.paused += 1;
@@ -146,8 +194,9 @@ impl VcpuThread {
                             // Served here, on this vCPU's own thread, while
                             // the others stay paused.
                             st.step_request = None;
+                            let traps_now = st.traps.clone();
                             drop(st);
-                            let r = self.single_step();
+                            let r = self.single_step(&traps_now);
                             st = self.control.lock();
                             st.step_result = Some((self.index, r));
                             self.control.cond.notify_all();
@@ -160,7 +209,7 @@ impl VcpuThread {
                 }
             }
             let mut fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(exit) = self.run_once(&mut fd) {
+            if let Some(exit) = self.run_once(&mut fd, &traps) {
                 drop(fd);
                 self.control.set_exit(exit);
                 break;
@@ -175,13 +224,9 @@ impl VcpuThread {
 
     /// Executes exactly one guest instruction (KVM single-step with
     /// interrupts blocked), serving the port I/O it does on the way.
-    fn single_step(&self) -> Result<StepOutcome, String> {
+    fn single_step(&self, traps: &[ExecTrap]) -> Result<StepOutcome, String> {
         let mut fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
-        let dbg = kvm_bindings::kvm_guest_debug {
-            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ,
-            ..Default::default()
-        };
-        fd.set_guest_debug(&dbg).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+        fd.set_guest_debug(&guest_debug(traps, true)).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
         let mut result = Err("no debug exit after 64 exits".to_string());
         for _ in 0..64 {
             clear_immediate_exit();
@@ -213,14 +258,30 @@ impl VcpuThread {
                 }
             }
         }
-        let off = kvm_bindings::kvm_guest_debug::default();
-        fd.set_guest_debug(&off).map_err(|e| format!("KVM_SET_GUEST_DEBUG (off): {e}"))?;
+        fd.set_guest_debug(&guest_debug(traps, false)).map_err(|e| format!("KVM_SET_GUEST_DEBUG (after the step): {e}"))?;
         result
     }
 
     /// One KVM_RUN; returns why the VM must end, if it must.
-    fn run_once(&self, fd: &mut VcpuFd) -> Option<VmExit> {
+    fn run_once(&self, fd: &mut VcpuFd, traps: &[ExecTrap]) -> Option<VmExit> {
         match fd.run() {
+            Ok(VcpuExit::Debug(d)) => {
+                let pc = d.pc;
+                match traps.iter().find(|t| t.addr == pc) {
+                    Some(t) => {
+                        let redirect = t.redirect;
+                        match fd.get_regs() {
+                            Ok(mut regs) if regs.rip == pc => {
+                                regs.rip = redirect;
+                                fd.set_regs(&regs).err().map(|e| VmExit::Error(format!("vCPU {}: redirecting a trap: {e}", self.index)))
+                            }
+                            Ok(regs) => Some(VmExit::Error(format!("vCPU {}: trap exit at {pc:#x} but RIP is {:#x}", self.index, regs.rip))),
+                            Err(e) => Some(VmExit::Error(format!("vCPU {}: trap exit, get_regs: {e}", self.index))),
+                        }
+                    }
+                    None => Some(VmExit::Error(format!("vCPU {}: debug exit at {pc:#x}, which is no trap", self.index))),
+                }
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
                 None

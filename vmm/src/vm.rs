@@ -401,6 +401,24 @@ impl Vm {
         }
     }
 
+    /// Arms execution traps (at most 4; empty disarms): a vCPU reaching a
+    /// trap's address continues at its redirect, the VMM changing only its
+    /// RIP. Applied by each vCPU thread before its next KVM_RUN; the VM is
+    /// paused and resumed here so every vCPU has them on return.
+    pub fn set_exec_traps(&self, traps: Vec<crate::vcpu::ExecTrap>) -> Result<()> {
+        if traps.len() > 4 {
+            return Err(VmmError::Config(format!("at most 4 execution traps, not {}", traps.len())));
+        }
+        let paused = self.pause()?;
+        {
+            let mut st = self.control.lock();
+            st.traps = traps;
+            st.traps_generation += 1;
+        }
+        drop(paused);
+        Ok(())
+    }
+
     /// A client of the control API pauses the VM and holds it: no guest
     /// code runs until `client_release`, not even a single step.
     pub fn client_hold(&self) -> Result<()> {
