@@ -75,7 +75,7 @@ impl GuestWriter for LiveWriter<'_> {
 }
 
 /// Verbs of the patcher.
-pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse"];
+pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse", "set_param"];
 /// Most instructions a vCPU is single-stepped to leave a changed function
 /// within one stop, and how many between checks.
 const MAX_STEP_OUT: u32 = 400;
@@ -143,6 +143,9 @@ pub enum PatchRequest {
     },
     /// Forget a disabled patch and free its guest memory.
     Remove { name: String },
+    /// Set a parameter of a patch's module (`param` as `name=value`), as
+    /// writing /sys/module/NAME/parameters/PARAM does.
+    SetParam { name: String, param: String },
     /// Patches, the running operation and the last finished one.
     List {},
     /// Complete the running per-task transition at once (unsafe, logged).
@@ -251,6 +254,8 @@ struct State {
     finished: Option<Finished>,
     /// The execution traps armed in the VM (module loads and unloads).
     armed: Vec<(u64, u64)>,
+    /// For the `call` verb: whether the guest was idle when it was queued.
+    idle_at_queue: Option<bool>,
 }
 
 /// Shared between the control loop, the worker and snapshot threads.
@@ -391,7 +396,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new() }),
+            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false) }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -593,10 +598,13 @@ impl State {
             }
         };
         let timeout = Duration::from_secs_f64(timeout_secs.min(3600.0));
+        // Whether every vCPU ran its idle task when the call was queued.
+        self.idle_at_queue = None;
         match self.run_call_ticket(vm, func, args, timeout)? {
             (ticket, Some(result)) => Ok(json!({
                 "function": function, "addr": func, "result": result, "result_hex": format!("{:#x}", result as u64),
                 "slot": ticket.slot, "round_trip_us": t0.elapsed().as_secs_f64() * 1e6,
+                "guest_idle_when_queued": self.idle_at_queue,
             })),
             (ticket, None) => {
                 Err(PatchError::Call(patcher::guest_call::CallError::TimedOut { func, secs: timeout_secs, slot: ticket.slot }).into())
@@ -616,8 +624,16 @@ impl State {
             bail!("a client holds the VM paused: a guest call runs guest code; resume first");
         }
         let paused = vm.pause()?;
-        let (ticket, vector) = self.with_kernel(&paused, |p, k, w| Ok(p.queue_call(k, w, func, args)?))?;
+        let want_idle = self.idle_at_queue.is_none();
+        let (ticket, vector, idle) = self.with_kernel(&paused, |p, k, w| {
+            let idle = if want_idle { Some(k.tasks()?.iter().all(|t| t.running_on.is_none() || t.pid == 0)) } else { None };
+            let (t, v) = p.queue_call(k, w, func, args)?;
+            Ok((t, v, idle))
+        })?;
         drop(paused);
+        if idle.is_some() {
+            self.idle_at_queue = idle;
+        }
         let apic = vm.apic_id(0).ok_or_else(|| anyhow!("the VM has no vCPU 0"))?;
         vm.inject_msi(apic, vector)?;
         Ok(ticket)
@@ -1290,6 +1306,22 @@ impl State {
                 })();
                 let _ = tx.send(r.map_err(|e| format!("{e:#}")));
                 return None;
+            }
+            PatchRequest::SetParam { name, param } => {
+                let r = (|| -> Result<Value> {
+                    let paused = vm.pause()?;
+                    self.with_kernel(&paused, |p, k, w| Ok(p.set_param(k, w, &name, &param)?))?;
+                    Ok(json!({"patch": name, "param": param}))
+                })();
+                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+                return None;
+            }
+            PatchRequest::Disable { ref name, .. }
+                if self.pending.as_ref().is_some_and(|p| &p.target == name && p.remaining.is_some() && !p.verb.starts_with("reverse")) =>
+            {
+                // Disabling a patch in its own transition reverses it, as
+                // writing 0 to its `enabled` does upstream.
+                return self.patch_job(vm, PatchRequest::Reverse {}, tx);
             }
             PatchRequest::Reverse {} | PatchRequest::Force {} => {
                 let force = matches!(req, PatchRequest::Force {});

@@ -68,6 +68,8 @@ pub struct Patch {
     pub this_module: u64,
     #[serde(default)]
     pub spec: Option<PatchSpec>,
+    #[serde(default)]
+    pub(crate) params: Vec<crate::params::ParamSpec>,
 }
 
 /// A call site hyperpatch owns.
@@ -661,6 +663,7 @@ impl Patcher {
             exit: staged.exit,
             this_module: staged.this_module,
             spec: Some(spec.clone()),
+            params: staged.params.clone(),
         };
         self.patches.push(patch);
         let mut desired = Self::desired(&self.patches);

@@ -33,6 +33,9 @@ pub struct Staged {
     pub spec: Option<PatchSpec>,
     /// Its init returned 0 (so its exit must run before it is unplaced).
     pub init_ok: bool,
+    /// Its parameters (settable later, as through /sys/module/*/parameters).
+    #[serde(default)]
+    pub params: Vec<crate::params::ParamSpec>,
 }
 
 /// What the caller runs next.
@@ -113,7 +116,17 @@ impl Patcher {
                 return Err(e);
             }
         }
-        self.staged = Some(Staged { name: m.name.clone(), path: m.path.clone(), linked, this_module, init, exit, spec: None, init_ok: false });
+        self.staged = Some(Staged {
+            name: m.name.clone(),
+            path: m.path.clone(),
+            linked,
+            this_module,
+            init,
+            exit,
+            spec: None,
+            init_ok: false,
+            params: m.params.clone(),
+        });
         Ok(StageInfo { init, exit })
     }
 
@@ -143,6 +156,27 @@ impl Patcher {
         }
         if st.spec.is_none() {
             return Err(lerr("its klp_patch was never read".into()));
+        }
+        Ok(())
+    }
+
+    /// Sets a parameter of patch `name`'s module (every vCPU stopped), as
+    /// writing /sys/module/NAME/parameters/PARAM would.
+    pub fn set_param(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, name: &str, arg: &str) -> Result<()> {
+        let p = self.patches.iter().find(|p| p.name == name).ok_or_else(|| PatchError::NoPatch(name.into()))?;
+        let writes = params::plan(name, &p.params, &[arg.to_string()])?;
+        let linked = p.linked.clone();
+        for pw in writes {
+            let (section, offset, bytes) = match pw {
+                ParamWrite::Bytes { section, offset, bytes } => (section, offset, bytes),
+                ParamWrite::Pointer { .. } => {
+                    return Err(PatchError::Param { module: name.into(), detail: "charp parameters can only be given at apply".into() })
+                }
+            };
+            let va = linked
+                .address(section, offset)
+                .ok_or_else(|| PatchError::Param { module: name.into(), detail: format!("parameter storage in section {section} is not placed") })?;
+            w.write_phys(k.mem.translate(va)?, &bytes)?;
         }
         Ok(())
     }

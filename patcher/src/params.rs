@@ -13,7 +13,7 @@ use crate::module::{PatchModule, Target};
 const MAX_CHARP: usize = 1024;
 
 /// A parameter's type, from the `kernel_param_ops` it uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ParamKind {
     Byte,
     Short,
@@ -34,7 +34,7 @@ pub enum ParamKind {
 }
 
 /// One entry of the module's `__param` table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ParamSpec {
     pub name: String,
     pub kind: ParamKind,

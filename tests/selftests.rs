@@ -1,0 +1,323 @@
+//! The kernel's own livepatch selftests (tools/testing/selftests/livepatch
+//! of the linux-source package), ported to patches applied from outside:
+//! every scenario of test-callbacks.sh, and the callback-free scenarios of
+//! test-livepatch.sh and test-state.sh. Where the selftest runs
+//! `modprobe LIVEPATCH`, `echo 0 > .../enabled` and `rmmod LIVEPATCH`,
+//! hyperpatch runs apply, disable and remove; the target modules are loaded
+//! and unloaded by the guest itself. The lines the test modules print
+//! (callbacks, module init and exit) are compared in the selftests' exact
+//! order; the kernel's own `livepatch:` lines are not printed (the guest's
+//! livepatch core does not run).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const LP: &str = "test_klp_callbacks_demo";
+const LP2: &str = "test_klp_callbacks_demo2";
+const TARGET: &str = "test_klp_callbacks_mod";
+const BUSY: &str = "test_klp_callbacks_busy";
+
+/// The module lines of the kernel log since the last call (and clears it).
+fn klog(g: &mut Guest) -> Vec<String> {
+    let out = g.sh("dmesg -c");
+    out.lines()
+        .map(|l| match l.find("] ") {
+            Some(i) if l.starts_with('[') => l[i + 2..].to_string(),
+            _ => l.to_string(),
+        })
+        .filter(|l| [LP, LP2, TARGET, BUSY, "test_klp_livepatch", "test_klp_state"].iter().any(|p| l.starts_with(&format!("{p}:")) || l.starts_with(&format!("{p}2:")) || l.starts_with(&format!("{p}3:"))))
+        .collect()
+}
+
+fn guest(name: &str) -> Guest {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore(name, &snap);
+    g.wait_api();
+    g.sh("dmesg -c > /dev/null");
+    g
+}
+
+fn load_lp(g: &Guest, m: &str, params: &[&str]) -> Value {
+    let r = g.api(json!({"verb": "apply", "path": module(&format!("{m}.ko")), "params": params, "wait": true}));
+    assert_eq!(r["ok"], json!(true), "apply {m}: {r}");
+    r["result"].clone()
+}
+
+fn disable_lp(g: &Guest, m: &str) {
+    g.api_ok(json!({"verb": "disable", "name": m, "wait": true}));
+}
+
+fn unload_lp(g: &Guest, m: &str) {
+    g.api_ok(json!({"verb": "remove", "name": m}));
+}
+
+fn load_mod(g: &mut Guest, m: &str, params: &str) {
+    let out = g.sh(&format!("insmod /modules/{m}.ko {params}; echo rc=$?"));
+    assert!(out.ends_with("rc=0"), "insmod {m}: {out}");
+}
+
+fn unload_mod(g: &mut Guest, m: &str) {
+    let out = g.sh(&format!("rmmod {m}; echo rc=$?"));
+    assert!(out.ends_with("rc=0"), "rmmod {m}: {out}");
+}
+
+fn check(g: &mut Guest, expected: &str, lp: &str) {
+    let want: Vec<String> = expected.trim().lines().map(|l| l.trim().replace("$LP2", LP2).replace("$LP", lp).replace("$TARGET", TARGET).replace("$BUSY", BUSY)).collect();
+    assert_eq!(klog(g), want);
+    assert!(!g.console_text().contains("Oops"), "{}", g.tail(3000));
+}
+
+const LIVE: &str = "[MODULE_STATE_LIVE] Normal state";
+const COMING: &str = "[MODULE_STATE_COMING] Full formed, running module_init";
+const GOING: &str = "[MODULE_STATE_GOING] Going away";
+
+fn s(t: &str) -> String {
+    t.replace("{LIVE}", LIVE).replace("{COMING}", COMING).replace("{GOING}", GOING)
+}
+
+#[test]
+fn callbacks_target_module_before_livepatch() {
+    let mut g = guest("st-cb1");
+    load_mod(&mut g, TARGET, "");
+    load_lp(&g, LP, &[]);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    unload_mod(&mut g, TARGET);
+    check(&mut g, &s("
+        $TARGET: test_klp_callbacks_mod_init
+        $LP: pre_patch_callback: vmlinux
+        $LP: pre_patch_callback: $TARGET -> {LIVE}
+        $LP: post_patch_callback: vmlinux
+        $LP: post_patch_callback: $TARGET -> {LIVE}
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: pre_unpatch_callback: $TARGET -> {LIVE}
+        $LP: post_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: $TARGET -> {LIVE}
+        $TARGET: test_klp_callbacks_mod_exit"), LP);
+}
+
+#[test]
+fn callbacks_module_coming_notifier() {
+    let mut g = guest("st-cb2");
+    load_lp(&g, LP, &[]);
+    load_mod(&mut g, TARGET, "");
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    unload_mod(&mut g, TARGET);
+    check(&mut g, &s("
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP: pre_patch_callback: $TARGET -> {COMING}
+        $LP: post_patch_callback: $TARGET -> {COMING}
+        $TARGET: test_klp_callbacks_mod_init
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: pre_unpatch_callback: $TARGET -> {LIVE}
+        $LP: post_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: $TARGET -> {LIVE}
+        $TARGET: test_klp_callbacks_mod_exit"), LP);
+}
+
+#[test]
+fn callbacks_module_going_notifier() {
+    let mut g = guest("st-cb3");
+    load_mod(&mut g, TARGET, "");
+    load_lp(&g, LP, &[]);
+    unload_mod(&mut g, TARGET);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    check(&mut g, &s("
+        $TARGET: test_klp_callbacks_mod_init
+        $LP: pre_patch_callback: vmlinux
+        $LP: pre_patch_callback: $TARGET -> {LIVE}
+        $LP: post_patch_callback: vmlinux
+        $LP: post_patch_callback: $TARGET -> {LIVE}
+        $TARGET: test_klp_callbacks_mod_exit
+        $LP: pre_unpatch_callback: $TARGET -> {GOING}
+        $LP: post_unpatch_callback: $TARGET -> {GOING}
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: vmlinux"), LP);
+}
+
+#[test]
+fn callbacks_module_coming_and_going_notifiers() {
+    let mut g = guest("st-cb4");
+    load_lp(&g, LP, &[]);
+    load_mod(&mut g, TARGET, "");
+    unload_mod(&mut g, TARGET);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    check(&mut g, &s("
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP: pre_patch_callback: $TARGET -> {COMING}
+        $LP: post_patch_callback: $TARGET -> {COMING}
+        $TARGET: test_klp_callbacks_mod_init
+        $TARGET: test_klp_callbacks_mod_exit
+        $LP: pre_unpatch_callback: $TARGET -> {GOING}
+        $LP: post_unpatch_callback: $TARGET -> {GOING}
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: vmlinux"), LP);
+}
+
+#[test]
+fn callbacks_target_module_not_present() {
+    let mut g = guest("st-cb5");
+    load_lp(&g, LP, &[]);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    check(&mut g, "
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: vmlinux", LP);
+}
+
+#[test]
+fn callbacks_pre_patch_enodev() {
+    let mut g = guest("st-cb6");
+    let before = g.api_ok(json!({"verb": "list"}));
+    load_mod(&mut g, TARGET, "");
+    let r = g.api(json!({"verb": "apply", "path": module(&format!("{LP}.ko")), "params": ["pre_patch_ret=-19"], "wait": true}));
+    assert_eq!(r["ok"], json!(false), "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("pre-patch callback failed for object 'vmlinux' with -19 (ENODEV)") && e.contains("init failed with -19"), "{e}");
+    unload_mod(&mut g, TARGET);
+    check(&mut g, "
+        $TARGET: test_klp_callbacks_mod_init
+        $LP: pre_patch_callback: vmlinux
+        $TARGET: test_klp_callbacks_mod_exit", LP);
+    // Nothing is left: the patch list and the region are as before.
+    let after = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(after["patches"], before["patches"]);
+    assert_eq!(after["reserved_used"], json!(0));
+    assert_eq!(after["region_mapped"], json!(false));
+}
+
+#[test]
+fn callbacks_module_coming_pre_patch_enodev() {
+    let mut g = guest("st-cb7");
+    load_lp(&g, LP, &[]);
+    g.api_ok(json!({"verb": "set_param", "name": LP, "param": "pre_patch_ret=-19"}));
+    let out = g.sh(&format!("insmod /modules/{TARGET}.ko; echo rc=$?"));
+    assert!(out.contains("No such device") && out.ends_with("rc=1"), "the load must fail with ENODEV: {out}");
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    check(&mut g, &s("
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP: pre_patch_callback: $TARGET -> {COMING}
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: vmlinux"), LP);
+}
+
+#[test]
+fn callbacks_multiple_target_modules() {
+    let mut g = guest("st-cb8");
+    load_mod(&mut g, BUSY, "block_transition=N");
+    load_lp(&g, LP, &[]);
+    load_mod(&mut g, TARGET, "");
+    unload_mod(&mut g, TARGET);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP);
+    unload_mod(&mut g, BUSY);
+    check(&mut g, &s("
+        $BUSY: test_klp_callbacks_busy_init
+        $BUSY: busymod_work_func enter
+        $BUSY: busymod_work_func exit
+        $LP: pre_patch_callback: vmlinux
+        $LP: pre_patch_callback: $BUSY -> {LIVE}
+        $LP: post_patch_callback: vmlinux
+        $LP: post_patch_callback: $BUSY -> {LIVE}
+        $LP: pre_patch_callback: $TARGET -> {COMING}
+        $LP: post_patch_callback: $TARGET -> {COMING}
+        $TARGET: test_klp_callbacks_mod_init
+        $TARGET: test_klp_callbacks_mod_exit
+        $LP: pre_unpatch_callback: $TARGET -> {GOING}
+        $LP: post_unpatch_callback: $TARGET -> {GOING}
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: pre_unpatch_callback: $BUSY -> {LIVE}
+        $LP: post_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: $BUSY -> {LIVE}
+        $BUSY: test_klp_callbacks_busy_exit"), LP);
+}
+
+#[test]
+fn callbacks_busy_target_module() {
+    let mut g = guest("st-cb9");
+    load_mod(&mut g, BUSY, "block_transition=Y");
+    // The busy module's work sleeps in the function the patch changes.
+    let r = g.api_ok(json!({"verb": "apply", "path": module(&format!("{LP}.ko"))}));
+    assert_eq!(r["state"], json!("per-task transition"), "the transition must stall: {r}");
+    load_mod(&mut g, TARGET, "");
+    unload_mod(&mut g, TARGET);
+    // Disabling a patch in transition reverses it.
+    g.api_ok(json!({"verb": "disable", "name": LP}));
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        let l = g.api_ok(json!({"verb": "list"}));
+        if l["pending"].is_null() {
+            assert_eq!(l["last"]["ok"], json!(true), "{l}");
+            assert_eq!(l["patches"], json!([]), "{l}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reversal never completed: {l}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unload_mod(&mut g, BUSY);
+    check(&mut g, &s("
+        $BUSY: test_klp_callbacks_busy_init
+        $BUSY: busymod_work_func enter
+        $LP: pre_patch_callback: vmlinux
+        $LP: pre_patch_callback: $BUSY -> {LIVE}
+        $LP: pre_patch_callback: $TARGET -> {COMING}
+        $TARGET: test_klp_callbacks_mod_init
+        $TARGET: test_klp_callbacks_mod_exit
+        $LP: post_unpatch_callback: $TARGET -> {GOING}
+        $LP: post_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: $BUSY -> {LIVE}
+        $BUSY: busymod_work_func exit
+        $BUSY: test_klp_callbacks_busy_exit"), LP);
+}
+
+#[test]
+fn callbacks_multiple_livepatches() {
+    let mut g = guest("st-cb10");
+    load_lp(&g, LP, &[]);
+    load_lp(&g, LP2, &[]);
+    disable_lp(&g, LP2);
+    disable_lp(&g, LP);
+    unload_lp(&g, LP2);
+    unload_lp(&g, LP);
+    check(&mut g, "
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP2: pre_patch_callback: vmlinux
+        $LP2: post_patch_callback: vmlinux
+        $LP2: pre_unpatch_callback: vmlinux
+        $LP2: post_unpatch_callback: vmlinux
+        $LP: pre_unpatch_callback: vmlinux
+        $LP: post_unpatch_callback: vmlinux", LP);
+}
+
+#[test]
+fn callbacks_atomic_replace() {
+    let mut g = guest("st-cb11");
+    load_lp(&g, LP, &[]);
+    load_lp(&g, LP2, &["replace=1"]);
+    disable_lp(&g, LP2);
+    unload_lp(&g, LP2);
+    // The replaced patch left the stack when the replacement completed.
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["patches"], json!([]), "{l}");
+    check(&mut g, "
+        $LP: pre_patch_callback: vmlinux
+        $LP: post_patch_callback: vmlinux
+        $LP2: pre_patch_callback: vmlinux
+        $LP2: post_patch_callback: vmlinux
+        $LP2: pre_unpatch_callback: vmlinux
+        $LP2: post_unpatch_callback: vmlinux", LP);
+}
