@@ -1121,8 +1121,8 @@ impl State {
         }
         if verdict != 0 {
             // As klp_cleanup_module_patches_limited: the patches already
-            // applied to it leave it again.
-            if let Err(e) = self.module_going(vm, name) {
+            // applied to it leave it again (not the one that failed).
+            if let Err(e) = self.module_leave(vm, name, &done) {
                 eprintln!("hyperpatch: unpatching module {name} after a failed load: {e:#}");
             }
         }
@@ -1133,8 +1133,13 @@ impl State {
     /// post-unpatch).
     fn module_going(&mut self, vm: &Vm, name: &str) -> Result<()> {
         let targets = self.patcher.objects_for_module(name);
+        self.module_leave(vm, name, &targets)
+    }
+
+    /// The `targets` (patch, object) leave module `name`.
+    fn module_leave(&mut self, vm: &Vm, name: &str, targets: &[(String, usize)]) -> Result<()> {
         let in_transition = self.patcher.in_transition().map(str::to_string);
-        for (patch, idx) in &targets {
+        for (patch, idx) in targets {
             if in_transition.as_deref() != Some(patch.as_str()) {
                 self.object_callback(vm, patch, *idx, CallbackKind::PreUnpatch)?;
             }
@@ -1143,10 +1148,11 @@ impl State {
         let paused = vm.pause()?;
         self.with_kernel(&paused, |p, k, w| Ok(p.unpatch_going_module(k, w, name)?))?;
         drop(paused);
-        for (patch, idx) in &targets {
+        for (patch, idx) in targets {
             self.object_callback(vm, patch, *idx, CallbackKind::PostUnpatch)?;
         }
-        Ok(())
+        let paused = vm.pause()?;
+        self.with_kernel(&paused, |p, k, w| Ok(p.unbind_module(k, w, name)?))
     }
 
     /// Frees the guest-call routines if nothing uses them (see

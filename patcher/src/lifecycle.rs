@@ -451,7 +451,10 @@ impl Patcher {
         for s in &new_sites {
             self.sites.insert(s.site, s.clone());
         }
-        let desired = Self::desired(&self.patches);
+        // Only the module's own sites: others may be in a transition.
+        let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+        let desired: std::collections::BTreeMap<u64, Option<u64>> =
+            Self::desired(&self.patches).into_iter().filter(|(s, _)| mine.contains(s)).collect();
         match self.switch_sites(k, w, &desired) {
             Ok(n) => Ok(n),
             Err(e) => {
@@ -475,10 +478,7 @@ impl Patcher {
             .filter(|f| f.object.as_deref() == Some(module))
             .map(|f| f.site)
             .collect();
-        let mut desired = Self::desired(&self.patches);
-        for s in &gone {
-            desired.insert(*s, None);
-        }
+        let desired: std::collections::BTreeMap<u64, Option<u64>> = gone.iter().map(|s| (*s, None)).collect();
         let n = self.switch_sites(k, w, &desired)?;
         for p in self.patches.iter_mut() {
             p.funcs.retain(|f| f.object.as_deref() != Some(module));
@@ -486,6 +486,12 @@ impl Patcher {
         for s in &gone {
             self.sites.remove(s);
         }
+        Ok(n)
+    }
+
+    /// The objects naming `module` forget it (`obj->mod = NULL`, as
+    /// `klp_free_object_loaded` does), after its post-unpatch callbacks.
+    pub fn unbind_module(&self, k: &Kernel<'_>, w: &dyn GuestWriter, module: &str) -> Result<()> {
         let mod_off = k.btf.member_offset("klp_object", "mod")?;
         for p in &self.patches {
             for o in p.spec.iter().flat_map(|s| &s.objects).filter(|o| o.name.as_deref() == Some(module)) {
@@ -493,7 +499,7 @@ impl Patcher {
                 w.write_phys(k.mem.translate(at)?, &0u64.to_le_bytes())?;
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// The traps that catch module loads and unloads, once the guest-call
