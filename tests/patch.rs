@@ -296,7 +296,9 @@ fn module_functions_and_a_20_function_patch() {
 
 #[test]
 fn a_vcpu_running_in_a_changed_function_is_stepped_out() {
-    let snap = ready_snapshot(1);
+    // Two vCPUs: the patch module's init runs in a kworker on the one the
+    // kernel loop leaves free (the test kernel does not preempt in-kernel).
+    let snap = ready_snapshot(2);
     let mut g = Guest::restore("patch-stepout", &snap);
     g.wait_api();
     // The vCPU spends its time calling hp_bench_target() in a kernel loop.

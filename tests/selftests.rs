@@ -325,3 +325,147 @@ fn callbacks_atomic_replace() {
         $LP2: pre_unpatch_callback: vmlinux
         $LP2: post_unpatch_callback: vmlinux", LP);
 }
+
+/// Every kernel log line since the last call (timestamps cut), and clears it.
+fn klog_all(g: &mut Guest) -> Vec<String> {
+    g.sh("dmesg -c")
+        .lines()
+        .map(|l| match l.find("] ") {
+            Some(i) if l.starts_with('[') => l[i + 2..].to_string(),
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
+/// The patched lines of /proc/cmdline and /proc/meminfo (the selftest's
+/// `grep 'live patched'`), with shell builtins only.
+fn live_patched(g: &mut Guest) -> Vec<String> {
+    let out = g.sh("for f in /proc/cmdline /proc/meminfo; do while read -r l; do case \"$l\" in *'live patched'*) echo \"$l\";; esac; done < $f; done");
+    out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+#[test]
+fn livepatch_basic_function_patching() {
+    let mut g = guest("st-lp1");
+    load_lp(&g, "test_klp_livepatch", &[]);
+    assert_eq!(live_patched(&mut g), vec!["test_klp_livepatch: this has been live patched"]);
+    disable_lp(&g, "test_klp_livepatch");
+    unload_lp(&g, "test_klp_livepatch");
+    assert!(live_patched(&mut g).is_empty());
+}
+
+#[test]
+fn livepatch_multiple_livepatches() {
+    let mut g = guest("st-lp2");
+    load_lp(&g, "test_klp_livepatch", &[]);
+    assert_eq!(live_patched(&mut g), vec!["test_klp_livepatch: this has been live patched"]);
+    load_lp(&g, "test_klp_atomic_replace", &["replace=0"]);
+    assert_eq!(
+        live_patched(&mut g),
+        vec!["test_klp_livepatch: this has been live patched", "test_klp_atomic_replace: this has been live patched"]
+    );
+    disable_lp(&g, "test_klp_atomic_replace");
+    unload_lp(&g, "test_klp_atomic_replace");
+    assert_eq!(live_patched(&mut g), vec!["test_klp_livepatch: this has been live patched"]);
+    disable_lp(&g, "test_klp_livepatch");
+    unload_lp(&g, "test_klp_livepatch");
+    assert!(live_patched(&mut g).is_empty());
+}
+
+#[test]
+fn livepatch_atomic_replace() {
+    let mut g = guest("st-lp3");
+    load_lp(&g, "test_klp_livepatch", &[]);
+    assert_eq!(live_patched(&mut g), vec!["test_klp_livepatch: this has been live patched"]);
+    load_lp(&g, "test_klp_atomic_replace", &["replace=1"]);
+    assert_eq!(live_patched(&mut g), vec!["test_klp_atomic_replace: this has been live patched"]);
+    // The selftest's `rmmod test_klp_livepatch`: the replaced patch left
+    // the stack and its module was unloaded (exit run, memory freed) when
+    // the replacement completed.
+    let l = g.api_ok(json!({"verb": "list"}));
+    let names: Vec<&str> = l["patches"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["test_klp_atomic_replace"]);
+    assert_eq!(live_patched(&mut g), vec!["test_klp_atomic_replace: this has been live patched"]);
+    disable_lp(&g, "test_klp_atomic_replace");
+    unload_lp(&g, "test_klp_atomic_replace");
+    assert!(live_patched(&mut g).is_empty());
+}
+
+/// The `check_result "..."` block of a selftest script in the installed
+/// linux-source package (what the test compares against, never copied).
+fn selftest_expectation(script: &str, vars: &[(&str, &str)]) -> Vec<String> {
+    let tar = std::fs::read_dir("/usr/src")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("linux-source-6.1") && p.to_string_lossy().ends_with(".tar.xz"))
+        .expect("linux-source-6.1 (installed by guest-images/build)");
+    let out = std::process::Command::new("tar")
+        .args(["-xOJf", tar.to_str().unwrap(), "--wildcards", &format!("*/tools/testing/selftests/livepatch/{script}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = text.find("check_result \"").expect("check_result in the script") + "check_result \"".len();
+    let end = start + text[start..].find('"').unwrap();
+    text[start..end]
+        .lines()
+        .filter(|l| !l.starts_with("% ") && !l.starts_with("livepatch:"))
+        .map(|l| vars.iter().fold(l.to_string(), |acc, (k, v)| acc.replace(k, v)))
+        .collect()
+}
+
+#[test]
+fn shadow_vars_basic_api() {
+    // test-shadow-vars.sh: the guest loads and unloads the plain test module.
+    let mut g = guest("st-shadow");
+    load_mod(&mut g, "test_klp_shadow_vars", "");
+    unload_mod(&mut g, "test_klp_shadow_vars");
+    let got: Vec<String> = klog_all(&mut g).into_iter().filter(|l| l.starts_with("test_klp_shadow_vars:")).collect();
+    assert_eq!(got, selftest_expectation("test-shadow-vars.sh", &[("$MOD_TEST", "test_klp_shadow_vars")]));
+}
+
+/// Waits until the kernel log has a line containing `pat`; returns the log
+/// read so far.
+fn wait_klog(g: &mut Guest, pat: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        seen.extend(klog_all(g));
+        if seen.iter().any(|l| l.contains(pat)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {pat:?} in the kernel log: {seen:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn shadow_fix1_applied_before_its_module_loads_patches_every_load() {
+    let mut g = guest("st-fix1");
+    // The patch names livepatch_shadow_mod, which is not loaded: accepted.
+    let r = load_lp(&g, "livepatch-shadow-fix1", &[]);
+    assert_eq!(r["state"], json!("done"), "{r}");
+    let l = g.api_ok(json!({"verb": "list"}));
+    assert_eq!(l["patches"][0]["functions"], json!([]), "nothing to patch yet: {l}");
+    for round in 0..2 {
+        let mut seen = Vec::new();
+        load_mod(&mut g, "livepatch-shadow-mod", "");
+        // Patched before its init ran: its allocations are the fix's.
+        let l = g.api_ok(json!({"verb": "list"}));
+        let funcs: Vec<&str> = l["patches"][0]["functions"].as_array().unwrap().iter().map(|f| f["old_name"].as_str().unwrap()).collect();
+        assert_eq!(funcs, vec!["dummy_alloc", "dummy_free"], "round {round}: {l}");
+        wait_klog(&mut g, "livepatch_fix1_dummy_alloc: dummy @", &mut seen);
+        assert!(!seen.iter().any(|l| l.starts_with("dummy_alloc:")), "the original ran: {seen:?}");
+        // Unloading frees the dummies through the fixed free (no leak), and
+        // the patch leaves the module before its text goes.
+        unload_mod(&mut g, "livepatch_shadow_mod");
+        seen.extend(klog_all(&mut g));
+        assert!(seen.iter().any(|l| l.contains("livepatch_fix1_dummy_leak_dtor: dummy @") && l.contains("prevented leak")), "{seen:?}");
+        let l = g.api_ok(json!({"verb": "list"}));
+        assert_eq!(l["patches"][0]["functions"], json!([]), "round {round}: {l}");
+    }
+    disable_lp(&g, "livepatch_shadow_fix1");
+    let r = g.api_ok(json!({"verb": "remove", "name": "livepatch_shadow_fix1"}));
+    assert_eq!(r["exit_ran"], json!(true), "{r}");
+    assert!(!g.console_text().contains("Oops"), "{}", g.tail(3000));
+}

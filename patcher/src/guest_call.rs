@@ -6,7 +6,8 @@
 //! the guest's BTF), and two small routines of its own (written once):
 //!
 //! - `irq_fn(struct irq_work *)` runs in hard-IRQ context and queues the
-//!   slot's work on `system_wq` (`queue_work_on`, which is IRQ-safe);
+//!   slot's work on `system_unbound_wq` (`queue_work_on`, which is
+//!   IRQ-safe), so any CPU not busy in the kernel may run it;
 //! - `work_fn(struct work_struct *)` runs in a kworker, in process context,
 //!   calls the function with its six arguments, stores the result and then
 //!   the slot's state `DONE`, and returns.
@@ -386,20 +387,20 @@ impl CallEngine {
     ) -> Result<(Vec<u8>, [u64; 3], Vec<(u64, u64)>, Option<String>, (Vec<u64>, Vec<OrcEntry>))> {
         let style = CodeStyle::of(k)?;
         let queue_work_on = k.sym("queue_work_on")?;
-        let system_wq = k.sym("system_wq")?;
+        let system_wq = k.sym("system_unbound_wq")?;
         let unbound = k.btf.enum_value(None, "WORK_CPU_UNBOUND").map_err(lerr)?;
         let unbound = u32::try_from(unbound).map_err(|_| lerr("WORK_CPU_UNBOUND"))?;
         let mut c = Code { base: text.virt, b: Vec::new() };
         let (mut ips, mut entries) = (Vec::new(), Vec::new());
 
-        // irq_fn(struct irq_work *work): queue_work_on(UNBOUND, system_wq, slot work)
+        // irq_fn(struct irq_work *work): queue_work_on(UNBOUND, system_unbound_wq, slot work)
         let irq_fn = c.at();
         ips.push(irq_fn);
         entries.push(orc(8));
         style.entry(&mut c);
         let to_work = l.work_off as i64 - (OFF_IRQ_WORK as i64);
         c.disp(&[0x48, 0x8d, 0x97], to_work)?; // lea rdx, [rdi + disp32]
-        c.riprel(&[0x48, 0x8b, 0x35], system_wq, &[])?; // mov rsi, [rip + system_wq]
+        c.riprel(&[0x48, 0x8b, 0x35], system_wq, &[])?; // mov rsi, [rip + system_unbound_wq]
         c.bytes(&[0xbf]); // mov edi, imm32
         c.bytes(&unbound.to_le_bytes());
         c.rel(&[0xe8], queue_work_on)?; // call queue_work_on
