@@ -206,6 +206,18 @@ impl Guest {
         self.console.lock().unwrap().len()
     }
 
+    /// Waits until the console has at least `len` bytes.
+    pub fn wait_for_console_len(&mut self, len: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.console_len() < len {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("VMM exited ({st}) while waiting for console output; console:\n{}", self.tail(4000));
+            }
+            assert!(Instant::now() < deadline, "no console output past byte {len} within {timeout:?}:\n{}", self.tail(2000));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits (bounded) until the reader has seen exactly `bytes` console
     /// bytes, e.g. the `console_bytes` of a paused VMM; more is an error.
     pub fn wait_console_bytes(&self, bytes: u64, timeout: Duration) {
