@@ -103,10 +103,14 @@ fn bzimage_boots_with_kaslr() {
     assert!(g.wait_exit(CMD_TIMEOUT).success());
 }
 
+/// The last counter value on a complete console line (the line still being
+/// printed may show a prefix of its number).
 fn last_tick(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("tick").and_then(|n| n.trim().parse::<u64>().ok()))
-        .last()
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("tick").and_then(|n| n.trim().parse::<u64>().ok()))
         .unwrap_or(0)
 }
 
