@@ -13,7 +13,10 @@ use vmm::{Vm, VmConfig, VmExit};
 
 /// Command line every guest gets; `--cmdline` and the test image's own
 /// options are appended.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// `clocksource=kvm-clock`: this KVM hands a restored guest the host TSC, so
+/// a TSC-clocked guest would replay the snapshot's age; kvm-clock is restored
+/// exactly (KVM_SET_CLOCK).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 clocksource=kvm-clock";
 
 #[derive(Parser)]
 #[command(name = "hyperpatch", version, about = "Live-patch a Linux guest kernel from the hypervisor")]

@@ -588,7 +588,7 @@ fn compare_shell_at_prompt(g: &mut Guest) {
     );
     let end = g.wait_for_from("BG=", from, CMD_TIMEOUT);
     let end2 = g.wait_for_from(".", end, CMD_TIMEOUT);
-    let bg: i32 = g.console_text()[end..end2 - 1].trim().parse().expect("background pid");
+    let bg: i32 = g.console_slice(end, end2 - 1).trim().parse().expect("background pid");
     // Wait until the subshell is gone (or a zombie) without typing.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -267,7 +267,8 @@ fn a_task_sleeping_in_a_changed_function_holds_the_switch_until_it_leaves() {
     g.api_ok(json!({"verb": "disable", "name": "hp_patch_sleep", "wait": true}));
     g.api_ok(json!({"verb": "remove", "name": "hp_patch_sleep"}));
     g.send("cat /proc/hp_sleep &\n");
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    // The new sleeper is inside hp_sleep_wait (the first one left it above).
+    wait_for_frame(&g, "frames", "hp_sleep_wait+");
     let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "force": true, "per_task": false}));
     assert_eq!(r["state"], json!("done"), "{r}");
     assert_eq!(r["forced"], json!(true), "{r}");

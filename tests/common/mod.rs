@@ -1,8 +1,11 @@
 //! Test harness: starts `hyperpatch run` as a child process, drives the
 //! guest console through its stdin/stdout, and talks to its control socket.
 //! A cold boot takes minutes here, so `ready_snapshot()` boots the test image
-//! once (per image and vCPU count), snapshots it at the shell prompt, and
-//! every other test restores from that snapshot.
+//! once (per image and vCPU count), snapshots it while it is quiet (the shell
+//! asleep at its prompt, every vCPU in its idle task), and every other test
+//! restores from that snapshot. A test that needs the guest in some state
+//! drives it there itself ([`Guest::pause_quiet`], [`Guest::quiet_dump`]); it
+//! never relies on the moment the cached snapshot was taken.
 
 #![allow(dead_code)]
 
@@ -23,6 +26,26 @@ pub const READY: &str = "HYPERPATCH-READY";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// One guest shell command: seconds here.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+/// busybox ash's prompt on the test guest's console.
+pub const PROMPT: &str = "/ # ";
+/// Where ready snapshots are cached unless `HYPERPATCH_SNAPSHOT_CACHE` says
+/// otherwise: `snapshots` next to the image cache (`~/.cache/hyperpatch/`).
+pub const SNAPSHOT_CACHE_ENV: &str = "HYPERPATCH_SNAPSHOT_CACHE";
+/// Extra kernel options of the boot behind the ready snapshot. With its
+/// default clocksource (the TSC) a restored guest sees every second since the
+/// snapshot was taken pass at once: this KVM gives the guest the host TSC
+/// whatever the snapshot says, so after a restore the guest's timekeeping
+/// catches up second by second (measured: ~50 ms of emulated guest kernel
+/// time at 2 minutes of snapshot age, ~160 ms at 12 minutes, growing by
+/// ~0.15 ms per second of age, about 13 s per restore for a day-old cache),
+/// its timers expire, idle workers exit, and after a host reboot its clock
+/// stands still. kvm-clock is restored by the VMM (KVM_SET_CLOCK): restored
+/// guests continue where the snapshot left them, whatever its age.
+pub const READY_CMDLINE: &str = "clocksource=kvm-clock";
+/// What the ready snapshot is made of besides the image, the vCPU count and
+/// the snapshot format version (part of the cache key): taken quiet, booted
+/// with [`READY_CMDLINE`].
+const READY_RECIPE: &str = "quiet-kvmclock";
 
 /// Directory of the built test image (kernel, initramfs, modules).
 pub fn image_dir() -> PathBuf {
@@ -91,6 +114,8 @@ pub struct Guest {
     pub stderr: Arc<Mutex<Vec<u8>>>,
     pub api_sock: PathBuf,
     seq: u32,
+    /// Console offset just past the end marker of the last `sh` command.
+    last_end: usize,
     pub dir: PathBuf,
 }
 
@@ -134,7 +159,7 @@ impl Guest {
             }
         });
         let stdin = child.stdin.take();
-        Guest { child, stdin, console, stderr, api_sock, seq: 0, dir }
+        Guest { child, stdin, console, stderr, api_sock, seq: 0, last_end: 0, dir }
     }
 
     /// Boots the test image cold.
@@ -152,6 +177,15 @@ impl Guest {
 
     pub fn console_text(&self) -> String {
         String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+    }
+
+    /// The console bytes `[from, to)` as text. Offsets are raw byte
+    /// offsets (as `console_len` and `wait_for_from` count them), so they
+    /// stay right when the guest printed bytes that are not UTF-8.
+    pub fn console_slice(&self, from: usize, to: usize) -> String {
+        let c = self.console.lock().unwrap();
+        let to = to.min(c.len());
+        String::from_utf8_lossy(&c[from.min(to)..to]).into_owned()
     }
 
     /// Waits until the console (from byte `from`) contains `pat`; returns
@@ -180,8 +214,41 @@ impl Guest {
         self.wait_for_from(pat, 0, timeout)
     }
 
+    /// Console bytes read so far: the raw bytes of the VMM's stdout, counted
+    /// as the VMM counts what it writes there (`console_bytes` in the replies
+    /// of `status` and `pause`).
     pub fn console_len(&self) -> usize {
         self.console.lock().unwrap().len()
+    }
+
+    /// Waits until the console has at least `len` bytes.
+    pub fn wait_for_console_len(&mut self, len: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.console_len() < len {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("VMM exited ({st}) while waiting for console output; console:\n{}", self.tail(4000));
+            }
+            assert!(Instant::now() < deadline, "no console output past byte {len} within {timeout:?}:\n{}", self.tail(2000));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits (bounded) until the reader has seen exactly `bytes` console
+    /// bytes, e.g. the `console_bytes` of a paused VMM; more is an error.
+    pub fn wait_console_bytes(&self, bytes: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.console_len() as u64;
+            assert!(have <= bytes, "read {have} console bytes, the VMM reports writing {bytes}");
+            if have == bytes {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console reader saw {have} of the {bytes} bytes the VMM wrote within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn stderr_text(&self) -> String {
@@ -221,9 +288,49 @@ impl Guest {
         self.send(&format!("echo '<S''{n}>'; {cmd}; echo '<E''{n}>'\n"));
         let s = self.wait_for_from(&start_mark, from, timeout);
         let e = self.wait_for_from(&end_mark, s, timeout);
-        let text = self.console_text();
-        let body = &text[s..e - end_mark.len()];
+        self.last_end = e;
+        let body = self.console_slice(s, e - end_mark.len());
         body.replace('\r', "").trim_matches('\n').to_string()
+    }
+
+    /// Drives the guest to a quiet state and leaves it paused there: the
+    /// shell runs a builtin and prints its prompt again, then the VM is
+    /// paused and `ps` must show every vCPU in its idle task and no other
+    /// task runnable; if not, it is resumed and looked at again (bounded).
+    /// Returns that `ps` (taken while paused). The caller resumes.
+    pub fn pause_quiet(&mut self) -> Value {
+        self.wait_api();
+        assert_eq!(self.sh("echo quiet-$((3+4))"), "quiet-7");
+        self.wait_for_from(PROMPT, self.last_end, CMD_TIMEOUT);
+        let deadline = Instant::now() + CMD_TIMEOUT;
+        for attempt in 1u64.. {
+            let st = self.api_ok(json!({"verb": "pause"}));
+            assert_eq!(st["state"], json!("paused"), "{st}");
+            let ps = self.api_ok(json!({"verb": "ps"}));
+            let busy = busy_tasks(&ps);
+            if busy.is_empty() {
+                if attempt > 1 {
+                    println!("guest quiet after {attempt} looks");
+                }
+                return ps;
+            }
+            self.api_ok(json!({"verb": "resume"}));
+            assert!(Instant::now() < deadline, "the guest never became quiet ({attempt} looks), last: {busy:?}");
+            std::thread::sleep(Duration::from_millis(20 * attempt.min(25)));
+        }
+        unreachable!()
+    }
+
+    /// A dump (`{"verb":"dump"}`) of the guest taken while it is quiet (see
+    /// [`Guest::pause_quiet`]); the guest runs again afterwards. Returns the
+    /// dump's path and the `ps` seen in the same pause.
+    pub fn quiet_dump(&mut self, name: &str) -> (PathBuf, Value) {
+        let ps = self.pause_quiet();
+        let path = self.dir.join(format!("{name}.core"));
+        let _ = std::fs::remove_file(&path);
+        self.api_ok(json!({"verb": "dump", "out": path}));
+        self.api_ok(json!({"verb": "resume"}));
+        (path, ps)
     }
 
     /// One control API request.
@@ -271,6 +378,19 @@ impl Drop for Guest {
     }
 }
 
+/// Tasks that keep a `ps` listing (taken while paused) from being quiet:
+/// any task but an idle one (pid 0) running on a vCPU, and any runnable
+/// task that is not running (it is about to).
+pub fn busy_tasks(ps: &Value) -> Vec<String> {
+    ps.as_array()
+        .expect("ps: a list")
+        .iter()
+        .filter(|t| t["pid"].as_i64() != Some(0))
+        .filter(|t| !t["running_on"].is_null() || t["state"] == json!("R"))
+        .map(|t| format!("pid {} {} state {} on vCPU {}", t["pid"], t["proc_comm"], t["state"], t["running_on"]))
+        .collect()
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -289,29 +409,54 @@ impl DirLock {
     }
 }
 
-/// Boots the test image once with `vcpus` vCPUs and snapshots it at the
-/// shell prompt; later calls (and later test processes) reuse the snapshot.
+/// The directory ready snapshots are cached in: `$HYPERPATCH_SNAPSHOT_CACHE`
+/// when set, else `snapshots` next to the image cache
+/// (`~/.cache/hyperpatch/snapshots`).
+pub fn snapshot_cache_dir() -> PathBuf {
+    match std::env::var_os(SNAPSHOT_CACHE_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => {
+            let image = image_dir();
+            image.parent().and_then(Path::parent).expect("image dir has two parents").join("snapshots")
+        }
+    }
+}
+
+/// Boots the test image once with `vcpus` vCPUs (plus [`READY_CMDLINE`]) and
+/// snapshots it while it is quiet (the shell asleep at its prompt, every vCPU
+/// in its idle task, checked while paused: [`Guest::pause_quiet`]), so every
+/// restore starts from the same state. Later calls (and later test
+/// processes) reuse the snapshot, cached per image, vCPU count, snapshot
+/// format version and [`READY_RECIPE`].
 pub fn ready_snapshot(vcpus: u32) -> PathBuf {
     let image = image_dir();
-    let key = format!("{}-{}vcpu-v1", image.file_name().unwrap().to_string_lossy(), vcpus);
-    let root = image.parent().unwrap().parent().unwrap().join("snapshots");
-    std::fs::create_dir_all(&root).unwrap();
+    let key = format!(
+        "{}-{}vcpu-v{}-{READY_RECIPE}",
+        image.file_name().unwrap().to_string_lossy(),
+        vcpus,
+        vmm::snapshot::FORMAT_VERSION
+    );
+    let root = snapshot_cache_dir();
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
     let snap = root.join(&key);
     let _lock = DirLock::take(&root.join(format!("{key}.lock")));
     if snap.join("state.json").exists() {
         return snap;
     }
-    let mut g = Guest::boot_test_image(&format!("snapboot{vcpus}"), vcpus, &[]);
+    let t = Instant::now();
+    let mut g = Guest::boot_test_image(&format!("snapboot{vcpus}"), vcpus, &["--cmdline", READY_CMDLINE]);
     g.wait_for(READY, BOOT_TIMEOUT);
-    // The shell answers: the guest is at its prompt and quiet.
-    let out = g.sh("echo hello-$((6*7))");
-    assert_eq!(out, "hello-42");
-    g.wait_api();
+    let cs = g.sh("read c < /sys/devices/system/clocksource/clocksource0/current_clocksource; echo $c");
+    assert_eq!(cs, "kvm-clock", "the guest did not take {READY_CMDLINE}");
+    // Paused while quiet (the shell has answered a command); the snapshot is
+    // taken in that same pause.
+    g.pause_quiet();
     let tmp = root.join(format!("{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     g.api_ok(json!({"verb": "snapshot", "dir": tmp}));
     std::fs::rename(&tmp, &snap).unwrap();
     g.api_ok(json!({"verb": "shutdown"}));
     let _ = g.wait_exit(Duration::from_secs(30));
+    println!("ready snapshot {} made in {:.1} s", snap.display(), t.elapsed().as_secs_f64());
     snap
 }

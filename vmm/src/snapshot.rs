@@ -30,6 +30,7 @@ const MEMORY_FILE: &str = "memory.bin";
 const STATE_FILE: &str = "state.json";
 /// What the control API's extension (the patcher) keeps of its own state.
 const EXTENSION_FILE: &str = "extension.json";
+const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -310,10 +311,57 @@ fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     fd.set_lapic(&s.lapic).map_err(snap_err("KVM_SET_LAPIC"))?;
     // The TSC deadline only sticks once the LAPIC is in deadline mode.
     if let Some(d) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
-        let m = Msrs::from_entries(&[*d]).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
+        let saved_tsc = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+        let deadline = kvm_msr_entry { data: rebased_deadline(d.data, saved_tsc, guest_tsc(fd)), ..*d };
+        let m = Msrs::from_entries(&[deadline]).map_err(|e| VmmError::Snapshot(format!("msrs: {e:?}")))?;
         let _ = fd.set_msrs(&m);
     }
     fd.set_mp_state(s.mp_state).map_err(snap_err("KVM_SET_MP_STATE"))?;
     fd.set_vcpu_events(&s.events).map_err(snap_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
+}
+
+/// The vCPU's TSC as the guest reads it now (None if KVM will not say).
+fn guest_tsc(fd: &VcpuFd) -> Option<u64> {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]).ok()?;
+    match fd.get_msrs(&mut m) {
+        Ok(1) => m.as_slice().first().map(|e| e.data),
+        _ => None,
+    }
+}
+
+/// A saved TSC deadline moved to the restored vCPU's TSC: the same time left
+/// until it fires as when the snapshot was taken. Some KVMs (this machine's
+/// `kvm_pvm`) give the guest the host TSC whatever IA32_TSC is set to, so
+/// the saved deadline is in another TSC's terms: in the past after a
+/// while (the timer fires at once), or far in the future after a host reboot
+/// (the guest's timer would stall). Where KVM did restore the TSC this
+/// changes nothing. 0 (disarmed) stays 0; a deadline that had passed fires at
+/// once.
+fn rebased_deadline(deadline: u64, saved_tsc: Option<u64>, now: Option<u64>) -> u64 {
+    match (deadline, saved_tsc, now) {
+        (0, _, _) => 0,
+        (d, Some(then), Some(now)) => now.saturating_add(d.saturating_sub(then)).max(1),
+        (d, _, _) => d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebased_deadline;
+
+    #[test]
+    fn tsc_deadline_keeps_the_time_left() {
+        // Disarmed stays disarmed.
+        assert_eq!(rebased_deadline(0, Some(1000), Some(5_000_000)), 0);
+        // 300 cycles were left: still 300 after the TSC jumped, forward or back.
+        assert_eq!(rebased_deadline(1300, Some(1000), Some(5_000_000)), 5_000_300);
+        assert_eq!(rebased_deadline(5_000_300, Some(5_000_000), Some(1000)), 1300);
+        // Already due: fires at once.
+        assert_eq!(rebased_deadline(900, Some(1000), Some(5_000_000)), 5_000_000);
+        // Nothing to rebase against: as saved.
+        assert_eq!(rebased_deadline(1300, None, Some(5_000_000)), 1300);
+        assert_eq!(rebased_deadline(1300, Some(1000), None), 1300);
+        assert_eq!(rebased_deadline(u64::MAX, Some(0), Some(10)), u64::MAX);
+    }
 }
