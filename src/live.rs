@@ -549,7 +549,9 @@ impl Shared {
                     .map(|x| {
                         json!({
                             "name": x.name, "enabled": x.enabled, "transition": in_transition.as_deref() == Some(x.name.as_str()),
-                            "replace": x.replace, "forced": x.forced, "path": x.path, "states": x.states, "functions": x.funcs,
+                            "replace": x.replace, "forced": x.forced, "path": x.path,
+                            "states": x.states.iter().map(|s| json!({"id": s.id, "version": s.version})).collect::<Vec<_>>(),
+                            "functions": x.funcs,
                         })
                     })
                     .collect(),
@@ -878,7 +880,10 @@ impl State {
     fn pre_patch(&mut self, vm: &Vm, name: &str) -> Result<Option<(String, i32)>> {
         let list = {
             let paused = vm.pause()?;
-            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, name, CallbackKind::PrePatch)?))?
+            self.with_kernel(&paused, |p, k, w| {
+                p.set_prev_states(w, name)?;
+                Ok(p.callbacks(k, name, CallbackKind::PrePatch)?)
+            })?
         };
         for cb in list {
             let ret = if cb.func == 0 {
@@ -905,7 +910,10 @@ impl State {
         }
         let list = {
             let paused = vm.pause()?;
-            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, name, kind)?))?
+            self.with_kernel(&paused, |p, k, w| {
+                p.set_prev_states(w, name)?;
+                Ok(p.callbacks(k, name, kind)?)
+            })?
         };
         for cb in list {
             if kind == CallbackKind::PostUnpatch {
@@ -1058,7 +1066,10 @@ impl State {
         }
         let list = {
             let paused = vm.pause()?;
-            self.with_kernel(&paused, |p, k, _| Ok(p.callbacks(k, patch, kind)?))?
+            self.with_kernel(&paused, |p, k, w| {
+                p.set_prev_states(w, patch)?;
+                Ok(p.callbacks(k, patch, kind)?)
+            })?
         };
         let Some(cb) = list.into_iter().find(|c| c.object == object) else { return Ok(0) };
         if kind == CallbackKind::PostUnpatch {

@@ -56,8 +56,8 @@ fn states_compatible_replacements_accepted_incompatible_refused() {
     let snap = ready_snapshot(1);
     let g = Guest::restore("states", &snap);
     g.wait_api();
-    // Their callbacks use the guest's klp_get_prev_state(), which does not
-    // see patches applied from outside: applied without callbacks here.
+    // States only (their callbacks are tests/selftests.rs's test-state.sh
+    // port): applied without callbacks, an explicit choice.
     let skip = json!({"skip_callbacks": true});
     apply(&g, "test_klp_state.ko", skip.clone()); // state 1, version 1
     let l = g.api_ok(json!({"verb": "list"}));

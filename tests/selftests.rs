@@ -394,6 +394,11 @@ fn livepatch_atomic_replace() {
 /// The `check_result "..."` block of a selftest script in the installed
 /// linux-source package (what the test compares against, never copied).
 fn selftest_expectation(script: &str, vars: &[(&str, &str)]) -> Vec<String> {
+    selftest_expectations(script, vars).into_iter().next().expect("one check_result")
+}
+
+/// Every `check_result "..."` block of the script, in order.
+fn selftest_expectations(script: &str, vars: &[(&str, &str)]) -> Vec<Vec<String>> {
     let tar = std::fs::read_dir("/usr/src")
         .unwrap()
         .filter_map(|e| e.ok())
@@ -406,13 +411,22 @@ fn selftest_expectation(script: &str, vars: &[(&str, &str)]) -> Vec<String> {
         .unwrap();
     assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let start = text.find("check_result \"").expect("check_result in the script") + "check_result \"".len();
-    let end = start + text[start..].find('"').unwrap();
-    text[start..end]
-        .lines()
-        .filter(|l| !l.starts_with("% ") && !l.starts_with("livepatch:"))
-        .map(|l| vars.iter().fold(l.to_string(), |acc, (k, v)| acc.replace(k, v)))
-        .collect()
+    let mut blocks = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("check_result \"") {
+        let body = &rest[i + "check_result \"".len()..];
+        let end = body.find('"').expect("a closed check_result");
+        blocks.push(
+            body[..end]
+                .lines()
+                .filter(|l| !l.starts_with("% ") && !l.starts_with("livepatch:") && !l.starts_with("modprobe:"))
+                .map(|l| vars.iter().fold(l.to_string(), |acc, (k, v)| acc.replace(k, v)))
+                .collect(),
+        );
+        rest = &body[end + 1..];
+    }
+    assert!(!blocks.is_empty(), "no check_result in {script}");
+    blocks
 }
 
 #[test]
@@ -468,4 +482,50 @@ fn shadow_fix1_applied_before_its_module_loads_patches_every_load() {
     let r = g.api_ok(json!({"verb": "remove", "name": "livepatch_shadow_fix1"}));
     assert_eq!(r["exit_ran"], json!(true), "{r}");
     assert!(!g.console_text().contains("Oops"), "{}", g.tail(3000));
+}
+
+const STATE_VARS: &[(&str, &str)] =
+    &[("$MOD_LIVEPATCH3", "test_klp_state3"), ("$MOD_LIVEPATCH2", "test_klp_state2"), ("$MOD_LIVEPATCH", "test_klp_state")];
+
+fn state_lines(g: &mut Guest) -> Vec<String> {
+    klog_all(g).into_iter().filter(|l| l.starts_with("test_klp_state")).collect()
+}
+
+/// test-state.sh, every scenario. Where the selftest rmmods a module whose
+/// patch was replaced, hyperpatch has nothing left to do: the replaced
+/// patch left the stack and its module's exit ran when the replacement
+/// completed (its exit prints nothing).
+#[test]
+fn state_scenarios() {
+    let want = selftest_expectations("test-state.sh", STATE_VARS);
+    assert_eq!(want.len(), 4, "test-state.sh has 4 scenarios");
+    // system state modification
+    let mut g = guest("st-state1");
+    load_lp(&g, "test_klp_state", &[]);
+    disable_lp(&g, "test_klp_state");
+    unload_lp(&g, "test_klp_state");
+    assert_eq!(state_lines(&mut g), want[0], "system state modification");
+    // taking over system state modification
+    let mut g = guest("st-state2");
+    load_lp(&g, "test_klp_state", &[]);
+    load_lp(&g, "test_klp_state2", &[]);
+    disable_lp(&g, "test_klp_state2");
+    unload_lp(&g, "test_klp_state2");
+    assert_eq!(state_lines(&mut g), want[1], "taking over system state modification");
+    // compatible cumulative livepatches
+    let mut g = guest("st-state3");
+    load_lp(&g, "test_klp_state2", &[]);
+    load_lp(&g, "test_klp_state3", &[]);
+    load_lp(&g, "test_klp_state2", &[]);
+    disable_lp(&g, "test_klp_state2");
+    unload_lp(&g, "test_klp_state2");
+    assert_eq!(state_lines(&mut g), want[2], "compatible cumulative livepatches");
+    // incompatible cumulative livepatches
+    let mut g = guest("st-state4");
+    load_lp(&g, "test_klp_state2", &[]);
+    let r = g.api(json!({"verb": "apply", "path": module("test_klp_state.ko"), "wait": true}));
+    assert_eq!(r["ok"], json!(false), "a lower state version must be refused: {r}");
+    disable_lp(&g, "test_klp_state2");
+    unload_lp(&g, "test_klp_state2");
+    assert_eq!(state_lines(&mut g), want[3], "incompatible cumulative livepatches");
 }

@@ -210,12 +210,17 @@ pub struct Patcher {
 pub(crate) struct GuestResolver<'a, 'm> {
     pub k: &'a Kernel<'m>,
     pub klp_enable_patch: Option<u64>,
+    /// hyperpatch's `klp_get_prev_state()` (the guest's sees only its own patches).
+    pub klp_get_prev_state: Option<u64>,
 }
 
 impl SymbolResolver for GuestResolver<'_, '_> {
     fn resolve(&self, object: Option<&str>, name: &str, sympos: u64) -> Result<u64> {
         if let (None, "klp_enable_patch", Some(hook)) = (object, name, self.klp_enable_patch) {
             return Ok(hook);
+        }
+        if let (None, "klp_get_prev_state", Some(f)) = (object, name, self.klp_get_prev_state) {
+            return Ok(f);
         }
         match object {
             None => match self.k.syms.address_of(name, sympos as u32) {

@@ -81,7 +81,13 @@ const EV_READY: u64 = EV_BUSY + 8;
 const EV_VERDICT: u64 = EV_BUSY + 12;
 const EV_KIND: u64 = EV_BUSY + 16;
 const EV_MOD: u64 = EV_BUSY + 24;
-const DATA_SIZE: u64 = HOOK_COUNT + 128;
+/// hyperpatch's `klp_get_prev_state()` answers from this table of
+/// (id, struct klp_state *) pairs, ended by id 0, which the host writes
+/// before a patch's callbacks run.
+const PREV_STATES: u64 = HOOK_COUNT + 128;
+/// Most states the table holds.
+pub const MAX_PREV_STATES: usize = 32;
+const DATA_SIZE: u64 = PREV_STATES + 16 * (MAX_PREV_STATES as u64 + 1);
 /// `EV_KIND` values.
 pub const EVENT_COMING: u32 = 1;
 pub const EVENT_GOING: u32 = 2;
@@ -154,6 +160,9 @@ pub struct CallEngine {
     work_fn: u64,
     /// hyperpatch's `klp_enable_patch()`: records its argument for the host.
     pub hook_fn: u64,
+    /// hyperpatch's `klp_get_prev_state()`.
+    #[serde(default)]
+    pub prev_state_fn: u64,
     /// Where a task entering the guest's `klp_module_coming` or
     /// `klp_module_going` is sent (a trap redirects it): it reports the
     /// module to the host, sleeps until the host has patched or unpatched
@@ -191,6 +200,13 @@ fn lerr(e: impl std::fmt::Display) -> PatchError {
 fn rel32(from_end: u64, to: u64) -> Result<[u8; 4]> {
     let d = i128::from(to) - i128::from(from_end);
     i32::try_from(d).map(i32::to_le_bytes).map_err(|_| lerr(format!("{to:#x} is out of rel32 reach of {from_end:#x}")))
+}
+
+/// The rel8 byte of a short jump ending at `end` back to `to` (kernel
+/// addresses: the difference, not the addresses, must fit).
+fn short_back(to: u64, end: u64) -> Result<u8> {
+    let d = to.wrapping_sub(end) as i64;
+    i8::try_from(d).map(|x| x as u8).map_err(|_| lerr(format!("short jump of {d} bytes")))
 }
 
 fn disp32(v: i64) -> Result<[u8; 4]> {
@@ -284,6 +300,27 @@ impl CodeStyle {
     }
 }
 
+/// `prev_state(unsigned long id)`: looks `id` up in the (id, pointer)
+/// table at `table` (ended by id 0); the pointer, or NULL.
+fn emit_prev_state(c: &mut Code, style: &CodeStyle, table: u64) -> Result<()> {
+    style.entry(c);
+    c.riprel(&[0x48, 0x8d, 0x05], table, &[])?; // lea rax, [rip + table]
+    let top = c.at();
+    let ret_len: u8 = if style.return_thunk.is_some() { 5 } else { 1 };
+    c.bytes(&[0x48, 0x8b, 0x10]); // mov rdx, [rax]
+    c.bytes(&[0x48, 0x85, 0xd2]); // test rdx, rdx
+    // jz none: past cmp (3), je (2), add (4), jmp (2), mov (4), ret.
+    c.bytes(&[0x74, 15 + ret_len]);
+    c.bytes(&[0x48, 0x39, 0xfa]); // cmp rdx, rdi
+    c.bytes(&[0x74, 0x06]); // je found: past add (4), jmp (2)
+    c.bytes(&[0x48, 0x83, 0xc0, 0x10]); // add rax, 16
+    c.bytes(&[0xeb, short_back(top, c.at() + 2)?]); // jmp top
+    c.bytes(&[0x48, 0x8b, 0x40, 0x08]); // found: mov rax, [rax + 8]
+    style.ret(c)?;
+    c.bytes(&[0x31, 0xc0]); // none: xor eax, eax
+    style.ret(c)
+}
+
 fn orc(sp_offset: i16) -> OrcEntry {
     OrcEntry { sp_offset, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::CALL, end: false }
 }
@@ -304,7 +341,7 @@ impl CallEngine {
             }
         };
         let r = Self::write_code(k, w, &text, &data, layout);
-        let (code, [irq_fn, work_fn, hook_fn], module_traps, module_traps_missing, orc) = match r {
+        let (code, [irq_fn, work_fn, hook_fn, prev_state_fn], module_traps, module_traps_missing, orc) = match r {
             Ok(x) => x,
             Err(e) => {
                 region.free(&text);
@@ -318,7 +355,7 @@ impl CallEngine {
             region.free(&data);
             return Err(e);
         }
-        Ok(CallEngine { text, data, layout, irq_fn, work_fn, hook_fn, module_traps, module_traps_missing, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
+        Ok(CallEngine { text, data, layout, irq_fn, work_fn, hook_fn, prev_state_fn, module_traps, module_traps_missing, vector, raised_list, slots: vec![SlotState::Free; SLOTS], orc })
     }
 
     /// The allocations the engine holds (never freed).
@@ -384,7 +421,7 @@ impl CallEngine {
         text: &Allocation,
         data: &Allocation,
         l: Layout,
-    ) -> Result<(Vec<u8>, [u64; 3], Vec<(u64, u64)>, Option<String>, (Vec<u64>, Vec<OrcEntry>))> {
+    ) -> Result<(Vec<u8>, [u64; 4], Vec<(u64, u64)>, Option<String>, (Vec<u64>, Vec<OrcEntry>))> {
         let style = CodeStyle::of(k)?;
         let queue_work_on = k.sym("queue_work_on")?;
         let system_wq = k.sym("system_unbound_wq")?;
@@ -459,8 +496,8 @@ impl CallEngine {
         first.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
         first.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
         first.riprel(&[0x83, 0x3d], data.virt + HOOK_READY, &[0])?; // cmp dword [rip + ready], 0
-        let back = i8::try_from(i64::try_from(again).unwrap_or(0) - i64::try_from(first.at() + 2).unwrap_or(0)).map_err(|_| lerr("hook loop"))?;
-        first.bytes(&[0x74, back as u8]); // je again
+        let back = short_back(again, first.at() + 2)?;
+        first.bytes(&[0x74, back]); // je again
         first.riprel(&[0x8b, 0x05], data.virt + HOOK_VERDICT, &[])?; // mov eax, [rip + verdict]
         style.ret(&mut first)?;
         let skip = u8::try_from(first.b.len()).map_err(|_| lerr("hook"))?;
@@ -469,6 +506,15 @@ impl CallEngine {
         c.bytes(&[0xb8]); // busy: mov eax, -EBUSY
         c.bytes(&(-EBUSY).to_le_bytes());
         style.ret(&mut c)?;
+
+        // prev_state(unsigned long id): the module's klp_get_prev_state().
+        while !c.b.len().is_multiple_of(16) {
+            c.bytes(&[0xcc]);
+        }
+        let prev_state_fn = c.at();
+        ips.push(prev_state_fn);
+        entries.push(orc(8));
+        emit_prev_state(&mut c, &style, data.virt + PREV_STATES)?;
 
         // The module-event stubs, entered in place of klp_module_coming /
         // klp_module_going (rdi = struct module *), in the task loading or
@@ -505,8 +551,7 @@ impl CallEngine {
             c.bytes(&[0x74, 0]); // jz got (patched below)
             c.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
             c.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
-            let back = i64::try_from(acquire).unwrap_or(0) - i64::try_from(c.at() + 2).unwrap_or(0);
-            c.bytes(&[0xeb, i8::try_from(back).map_err(|_| lerr("stub loop"))? as u8]); // jmp acquire
+            c.bytes(&[0xeb, short_back(acquire, c.at() + 2)?]); // jmp acquire
             let got = c.b.len();
             if let Some(b) = c.b.get_mut(jz_at + 1) {
                 *b = u8::try_from(got - (jz_at + 2)).map_err(|_| lerr("stub"))?;
@@ -520,8 +565,7 @@ impl CallEngine {
             c.bytes(&[0xbf, 1, 0, 0, 0]); // mov edi, 1
             c.rel(&[0xe8], sleep)?; // call schedule_timeout_uninterruptible
             c.riprel(&[0x83, 0x3d], data.virt + EV_READY, &[0])?; // cmp dword [rip + ready], 0
-            let back = i64::try_from(wait).unwrap_or(0) - i64::try_from(c.at() + 2).unwrap_or(0);
-            c.bytes(&[0x74, i8::try_from(back).map_err(|_| lerr("stub wait"))? as u8]); // je wait
+            c.bytes(&[0x74, short_back(wait, c.at() + 2)?]); // je wait
             c.riprel(&[0x8b, 0x05], data.virt + EV_VERDICT, &[])?; // mov eax, [rip + verdict]
             c.riprel(&[0xc7, 0x05], data.virt + EV_WAITING, &0u32.to_le_bytes())?; // waiting = 0
             c.riprel(&[0xc7, 0x05], data.virt + EV_BUSY, &0u32.to_le_bytes())?; // busy = 0 (release)
@@ -545,7 +589,7 @@ impl CallEngine {
         if missing.is_some() {
             module_traps.clear();
         }
-        Ok((c.b, [irq_fn, work_fn, hook_fn], module_traps, missing, (ips, entries)))
+        Ok((c.b, [irq_fn, work_fn, hook_fn, prev_state_fn], module_traps, missing, (ips, entries)))
     }
 
     fn slot_addr(&self, slot: usize) -> (u64, u64) {
@@ -718,6 +762,16 @@ impl CallEngine {
         Ok(k.mem.read_u32(self.data.virt + EV_BUSY)? != 0)
     }
 
+    /// Writes the table `klp_get_prev_state()` answers from.
+    pub fn set_prev_states(&self, w: &dyn GuestWriter, states: &[(u64, u64)]) -> Result<()> {
+        let mut b = vec![0u8; 16 * (MAX_PREV_STATES + 1)];
+        for (i, (id, ptr)) in states.iter().take(MAX_PREV_STATES).enumerate() {
+            b[i * 16..i * 16 + 8].copy_from_slice(&id.to_le_bytes());
+            b[i * 16 + 8..i * 16 + 16].copy_from_slice(&ptr.to_le_bytes());
+        }
+        w.write_phys(self.data.phys + PREV_STATES, &b)
+    }
+
     /// Slots by state.
     pub fn slot_states(&self) -> &[SlotState] {
         &self.slots
@@ -746,5 +800,39 @@ mod tests {
         assert_eq!(lea.mnemonic(), Mnemonic::Lea);
         assert_eq!(lea.memory_displacement64() as i64, -288);
         assert!(rel32(0, 1 << 40).is_err());
+    }
+}
+
+#[cfg(test)]
+mod prev_state_tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+    /// The generated prev_state routine's branches land on `found` and
+    /// `none`, with plain returns and with return thunks.
+    #[test]
+    fn prev_state_branches_land_on_found_and_none() {
+        for thunk in [None, Some(0xffff_ffff_8100_0000u64)] {
+            let style = CodeStyle { endbr: thunk.is_some(), return_thunk: thunk, indirect_thunk: None };
+            let mut c = Code { base: 0xffff_ffff_bf00_0000, b: Vec::new() };
+            emit_prev_state(&mut c, &style, 0xffff_ffff_bf40_0000).unwrap();
+            let mut d = Decoder::with_ip(64, &c.b, c.base, DecoderOptions::NONE);
+            let insns: Vec<_> = std::iter::from_fn(|| if d.can_decode() { Some(d.decode()) } else { None }).collect();
+            let at = |m: Mnemonic, n: usize| insns.iter().filter(|i| i.mnemonic() == m).nth(n).copied().unwrap();
+            let found = insns.iter().find(|i| i.mnemonic() == Mnemonic::Mov && i.memory_displacement64() == 8).unwrap().ip();
+            let none = at(Mnemonic::Xor, 0).ip();
+            assert_eq!(at(Mnemonic::Je, 0).near_branch_target(), none, "jz goes to `xor eax, eax` ({thunk:?})");
+            assert_eq!(at(Mnemonic::Je, 1).near_branch_target(), found, "je goes to the found path ({thunk:?})");
+            let lea = at(Mnemonic::Lea, 0);
+            assert_eq!(lea.memory_displacement64(), 0xffff_ffff_bf40_0000);
+            assert_eq!(at(Mnemonic::Jmp, 0).near_branch_target(), lea.next_ip(), "the loop returns to its top");
+        }
+    }
+
+    #[test]
+    fn short_jumps_between_kernel_addresses() {
+        assert_eq!(short_back(0xffff_ffff_bf00_0010, 0xffff_ffff_bf00_0020).unwrap(), (-16i8) as u8);
+        assert_eq!(short_back(0xffff_ffff_bf00_0020, 0xffff_ffff_bf00_0020).unwrap(), 0);
+        assert!(short_back(0xffff_ffff_bf00_0000, 0xffff_ffff_bf00_0100).is_err());
     }
 }

@@ -168,7 +168,7 @@ pub fn read_patch(k: &Kernel<'_>, addr: u64, this_module: u64, m: &PatchModule, 
                 break;
             }
             let version = mem.read_u32(add(sp, l.state_version)?)?;
-            states.push(StateSpec { id, version });
+            states.push(StateSpec { id, version, addr: sp });
             sp = add(sp, l.state_size)?;
         }
     }

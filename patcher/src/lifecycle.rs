@@ -57,8 +57,8 @@ impl Patcher {
         }
         let writes = params::plan(&m.name, &m.params, args)?;
         self.ensure_calls(k, w)?;
-        let hook = self.call_engine().map(|c| c.hook_fn).ok_or_else(|| PatchError::State("guest-call engine".into()))?;
-        let resolver = crate::engine::GuestResolver { k, klp_enable_patch: Some(hook) };
+        let (hook, prev) = self.call_engine().map(|c| (c.hook_fn, c.prev_state_fn)).ok_or_else(|| PatchError::State("guest-call engine".into()))?;
+        let resolver = crate::engine::GuestResolver { k, klp_enable_patch: Some(hook), klp_get_prev_state: Some(prev).filter(|a| *a != 0) };
         let region = self.region_mut()?;
         let mut linked = link(m, region, &resolver)?;
         let unplace = |p: &mut Patcher, w: &dyn GuestWriter, linked: &LinkedModule| {
@@ -367,6 +367,32 @@ impl Patcher {
             }
         }
         Ok(out)
+    }
+
+    /// Points hyperpatch's `klp_get_prev_state()` at the states of the
+    /// patches before `name` (every vCPU stopped), as upstream's answers
+    /// with the patches listed before the transition patch: the patches on
+    /// the stack below it and those it replaced, the newest state of each
+    /// id winning.
+    pub fn set_prev_states(&self, w: &dyn GuestWriter, name: &str) -> Result<()> {
+        let Some(c) = self.calls.as_ref() else { return Ok(()) };
+        let mut map: Vec<(u64, u64)> = Vec::new();
+        let before = self.retired.iter().chain(self.patches.iter()).take_while(|p| p.name != name);
+        for p in before {
+            for s in &p.states {
+                if s.addr == 0 {
+                    continue;
+                }
+                match map.iter_mut().find(|(id, _)| *id == s.id) {
+                    Some(e) => e.1 = s.addr,
+                    None => map.push((s.id, s.addr)),
+                }
+            }
+        }
+        if map.len() > crate::guest_call::MAX_PREV_STATES {
+            return Err(PatchError::State(format!("more than {} states before {name}", crate::guest_call::MAX_PREV_STATES)));
+        }
+        c.set_prev_states(w, &map)
     }
 
     /// Records whether object `object` of patch `name` may run its

@@ -123,6 +123,13 @@ pub struct ObjectSpec {
 pub struct StateSpec {
     pub id: u64,
     pub version: u32,
+    /// Guest address of this `struct klp_state` (0 when not known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub addr: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The `struct klp_patch` the module's init handed to `klp_enable_patch()`.
