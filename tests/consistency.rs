@@ -89,7 +89,26 @@ fn reverse_in_the_middle_returns_every_task_to_the_old_code() {
     // The shell is migrated: its children run the new code.
     assert_eq!(g.sh("cat /proc/hp_sleep"), "woke 7 original");
     let r = g.api_ok(json!({"verb": "reverse"}));
-    assert_eq!(r["state"], json!("done"), "nobody was inside the new code: {r}");
+    // Nobody is inside the new code, so the reversal completes without the
+    // sleeper leaving (a task passing through the kernel's entry code at
+    // that moment is unreliable for one check: then it completes at a later one).
+    if r["state"] != json!("done") {
+        assert_eq!(r["state"], json!("per-task transition"), "{r}");
+        let deadline = Instant::now() + CMD_TIMEOUT;
+        loop {
+            let l = g.api_ok(json!({"verb": "list"}));
+            if l["pending"].is_null() {
+                assert_eq!(l["last"]["ok"], json!(true), "{l}");
+                break;
+            }
+            assert!(
+                l["pending"]["blockers"].as_array().unwrap().iter().all(|b| b["unreliable"] == json!(true)),
+                "only a passing unreliable stack may hold the reversal: {l}"
+            );
+            assert!(Instant::now() < deadline, "the reversal never completed: {l}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let l = g.api_ok(json!({"verb": "list"}));
     assert_eq!(l["patches"], json!([]), "{l}");
     assert_eq!(l["reserved_used"], json!(0));
