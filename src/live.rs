@@ -256,6 +256,8 @@ struct State {
     armed: Vec<(u64, u64)>,
     /// For the `call` verb: whether the guest was idle when it was queued.
     idle_at_queue: Option<bool>,
+    /// Replies to send once the list view is published.
+    outbox: Vec<(Sender<Reply>, Reply)>,
 }
 
 /// Shared between the control loop, the worker and snapshot threads.
@@ -396,7 +398,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false) }),
+            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -463,7 +465,7 @@ impl Shared {
                 }
                 match st.module_event(vm) {
                     Ok(true) => {
-                        self.publish(&st, vm);
+                        self.publish_and_answer(&mut st, vm);
                         continue;
                     }
                     Ok(false) => {}
@@ -483,7 +485,7 @@ impl Shared {
             if has_pending && now >= next_attempt {
                 let mut st = lock(&self.state);
                 let delay = st.tick(vm);
-                self.publish(&st, vm);
+                self.publish_and_answer(&mut st, vm);
                 drop(st);
                 next_attempt = Instant::now() + delay;
                 continue;
@@ -512,31 +514,51 @@ impl Shared {
         }
     }
 
+    /// Runs one job. Its reply is held until the `list` view has been
+    /// published, so a client that gets an answer and then asks `list`
+    /// sees what the answer said.
     fn run_job(&self, vm: &Arc<Vm>, job: Job) {
         let mut st = lock(&self.state);
-        match job {
+        let (held, replies) = mpsc::channel();
+        let client = match job {
             Job::Inspect(req, tx) => {
-                let _ = tx.send(st.inspect(vm, &req).map_err(|e| format!("{e:#}")));
+                let _ = held.send(st.inspect(vm, &req).map_err(|e| format!("{e:#}")));
+                tx
             }
             Job::Dump(out, tx) => {
                 let r = vm.pause().map_err(anyhow::Error::from).and_then(|p| dump(&p, &out)).map(|()| json!({"out": out}));
-                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+                let _ = held.send(r.map_err(|e| format!("{e:#}")));
+                tx
             }
             Job::Call(CallRequest::Call { function, args, timeout_secs }, tx) => {
                 let r = st.guest_call(vm, &function, &args, timeout_secs);
-                let _ = tx.send(r.map_err(|e| format!("{e:#}")));
+                let _ = held.send(r.map_err(|e| format!("{e:#}")));
+                tx
             }
             Job::Patch(req, tx) => {
-                if let Some(tx) = st.patch_job(vm, req, tx) {
+                if st.patch_job(vm, req, held.clone()).is_some() {
                     // Answered once the operation has ended (or its first
                     // attempt has, without `wait`).
                     if let Some(op) = st.pending.as_mut() {
-                        op.waiters.push(tx);
+                        op.waiters.push(tx.clone());
                     }
                 }
+                tx
             }
+        };
+        drop(held);
+        self.publish_and_answer(&mut st, vm);
+        for r in replies.try_iter() {
+            let _ = client.send(r);
         }
-        self.publish(&st, vm);
+    }
+
+    /// Publishes the `list` view, then sends the replies waiting for it.
+    fn publish_and_answer(&self, st: &mut State, vm: &Vm) {
+        self.publish(st, vm);
+        for (w, r) in std::mem::take(&mut st.outbox) {
+            let _ = w.send(r);
+        }
     }
 
     fn publish(&self, st: &State, vm: &Vm) {
@@ -746,8 +768,9 @@ impl State {
         if let Err(e) = &result {
             eprintln!("hyperpatch: {} {} failed: {e}", op.verb, op.target);
         }
+        // Sent once the list view shows the outcome (publish_and_answer).
         for w in &op.waiters {
-            let _ = w.send(result.clone());
+            self.outbox.push((w.clone(), result.clone()));
         }
         self.finished = Some(Finished { verb: op.verb, target: op.target, result: result.clone() });
         result
