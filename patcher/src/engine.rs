@@ -293,6 +293,38 @@ fn field(base: u64, off: u64) -> Result<u64> {
     base.checked_add(off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(base)))
 }
 
+/// The functions a patch changes as placed: each resolved old function
+/// (spec, object, address, size, site) with its new function's address in
+/// `linked`. A new function of unknown size is refused.
+#[allow(clippy::type_complexity)]
+pub(crate) fn patched_funcs(
+    linked: &LinkedModule,
+    funcs: &[(crate::module::FuncSpec, Option<String>, u64, u64, u64)],
+) -> Result<Vec<PatchedFunc>> {
+    let mut out = Vec::new();
+    for (f, object, old_addr, old_size, site) in funcs {
+        let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
+            name: f.old_name.clone(),
+            detail: "new function's section was not placed".into(),
+        })?;
+        if f.new_size == 0 {
+            return Err(PatchError::Function { name: f.new_symbol.clone(), detail: "its size is unknown".into() });
+        }
+        out.push(PatchedFunc {
+            object: object.clone(),
+            old_name: f.old_name.clone(),
+            old_sympos: f.old_sympos,
+            old_addr: *old_addr,
+            old_size: *old_size,
+            site: *site,
+            new_symbol: f.new_symbol.clone(),
+            new_addr,
+            new_size: f.new_size,
+        });
+    }
+    Ok(out)
+}
+
 fn jmp_bytes(site: u64, target: u64) -> Result<[u8; 5]> {
     let rel = i128::from(target) - i128::from(site) - 5;
     let rel = i32::try_from(rel).map_err(|_| PatchError::Site {
@@ -631,27 +663,7 @@ impl Patcher {
         }
         // The module is placed (staged); its new functions are in it.
         let linked = staged.linked.clone();
-        let mut pfuncs = Vec::new();
-        for (f, object, old_addr, old_size, site) in &funcs {
-            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
-                name: f.old_name.clone(),
-                detail: "new function's section was not placed".into(),
-            })?;
-            if f.new_size == 0 {
-                return Err(PatchError::Function { name: f.new_symbol.clone(), detail: "its size is unknown".into() });
-            }
-            pfuncs.push(PatchedFunc {
-                object: object.clone(),
-                old_name: f.old_name.clone(),
-                old_sympos: f.old_sympos,
-                old_addr: *old_addr,
-                old_size: *old_size,
-                site: *site,
-                new_symbol: f.new_symbol.clone(),
-                new_addr,
-                new_size: f.new_size,
-            });
-        }
+        let pfuncs = patched_funcs(&linked, &funcs)?;
         for s in &new_sites {
             self.sites.insert(s.site, s.clone());
         }
@@ -1037,8 +1049,7 @@ impl Patcher {
             if let Some(i) = self.patches.iter().position(|p| p.name == tr.patch) {
                 self.patches[i].enabled = false;
                 let p = self.patches.remove(i);
-                let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
-                self.sites.retain(|site, _| still.contains(site));
+                self.forget_unused_sites();
                 self.retired.push(p);
             }
         }
@@ -1092,8 +1103,7 @@ impl Patcher {
         let old = std::mem::take(&mut self.patches);
         self.patches.push(last);
         self.retired.extend(old);
-        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
-        self.sites.retain(|site, _| still.contains(site));
+        self.forget_unused_sites();
         Ok(())
     }
 
@@ -1168,6 +1178,13 @@ impl Patcher {
         Ok(Outcome::Switched { sites: n, forced: !blockers.is_empty() })
     }
 
+    /// Forgets the sites no patch on the stack names any more (they hold
+    /// their original bytes).
+    pub(crate) fn forget_unused_sites(&mut self) {
+        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
+        self.sites.retain(|site, _| still.contains(site));
+    }
+
     /// Patches that left the stack and wait for their module's exit.
     pub fn take_retired(&mut self) -> Vec<Patch> {
         std::mem::take(&mut self.retired)
@@ -1213,8 +1230,7 @@ impl Patcher {
             return Err(PatchError::State(format!("patch {name} is enabled: disable it first")));
         }
         let p = self.patches.remove(i);
-        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
-        self.sites.retain(|site, _| still.contains(site));
+        self.forget_unused_sites();
         self.lost.extend(p.linked.allocations);
         Ok(())
     }
@@ -1229,8 +1245,7 @@ impl Patcher {
         let p = self.patches.remove(i);
         // Sites no remaining patch names are forgotten (they hold their
         // original bytes: the patch was disabled).
-        let still: std::collections::BTreeSet<u64> = self.patches.iter().flat_map(|p| p.funcs.iter().map(|f| f.site)).collect();
-        self.sites.retain(|site, _| still.contains(site));
+        self.forget_unused_sites();
         if p.forced {
             // A forced transition may have left a task in its code: Linux
             // keeps a forced patch's module forever, and so does hyperpatch.

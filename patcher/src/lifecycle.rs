@@ -457,23 +457,8 @@ impl Patcher {
         let one = PatchSpec { objects: vec![obj.clone()], ..spec.clone() };
         let (funcs, new_sites) = self.resolve_funcs(k, records, &one)?;
         let linked = self.patches[i].linked.clone();
-        for (f, objname, old_addr, old_size, site) in &funcs {
-            let new_addr = linked.address(f.new_section, f.new_offset).ok_or_else(|| PatchError::Function {
-                name: f.old_name.clone(),
-                detail: "new function's section was not placed".into(),
-            })?;
-            self.patches[i].funcs.push(crate::engine::PatchedFunc {
-                object: objname.clone(),
-                old_name: f.old_name.clone(),
-                old_sympos: f.old_sympos,
-                old_addr: *old_addr,
-                old_size: *old_size,
-                site: *site,
-                new_symbol: f.new_symbol.clone(),
-                new_addr,
-                new_size: f.new_size,
-            });
-        }
+        let placed = crate::engine::patched_funcs(&linked, &funcs)?;
+        self.patches[i].funcs.extend(placed);
         for s in &new_sites {
             self.sites.insert(s.site, s.clone());
         }
