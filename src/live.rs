@@ -67,10 +67,10 @@ pub fn dump(p: &PausedVm<'_>, out: &Path) -> Result<()> {
 pub struct LiveWriter<'a>(pub &'a GuestMemoryMmap);
 
 impl GuestWriter for LiveWriter<'_> {
-    fn write_phys(&self, addr: u64, data: &[u8]) -> patcher::Result<()> {
+    fn write_phys(&self, addr: patcher::GuestPhys, data: &[u8]) -> patcher::Result<()> {
         self.0
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|e| PatchError::Vm(format!("writing guest-physical {addr:#x}+{}: {e}", data.len())))
+            .write_slice(data, GuestAddress(addr.0))
+            .map_err(|e| PatchError::Vm(format!("writing guest-physical {:#x}+{}: {e}", addr.0, data.len())))
     }
 }
 
@@ -812,7 +812,7 @@ impl State {
                 break r;
             }
             let mut flag = [0u8; 4];
-            vm.memory().read_slice(&mut flag, GuestAddress(waiting_phys)).map_err(|e| anyhow!("reading the hook's flag: {e}"))?;
+            vm.memory().read_slice(&mut flag, GuestAddress(waiting_phys.0)).map_err(|e| anyhow!("reading the hook's flag: {e}"))?;
             if !verdict_given && u32::from_le_bytes(flag) == 1 {
                 let verdict = match self.enable_verdict(vm, &m, skip_callbacks) {
                     Ok(()) => 0,

@@ -35,6 +35,8 @@ pub enum PatchError {
     State(String),
     #[error("transition timed out after {secs} s; blocked by: {blockers}")]
     Timeout { secs: u64, blockers: String },
+    #[error("{cause}; putting back the bytes at phys {at:#x} failed too ({detail}): the guest is partly changed")]
+    RollbackFailed { cause: Box<PatchError>, at: u64, detail: String },
     #[error("guest memory: {0}")]
     Guest(#[from] introspect::IntrospectError),
     #[error("VM: {0}")]

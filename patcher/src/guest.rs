@@ -2,9 +2,10 @@
 //! (through introspection) and writing it. Implemented over a paused live VM
 //! by the binary, and over plain memory in tests.
 
+use crate::addr::GuestPhys;
 use crate::error::Result;
 
 /// Writes guest-physical memory while every vCPU is stopped.
 pub trait GuestWriter {
-    fn write_phys(&self, addr: u64, data: &[u8]) -> Result<()>;
+    fn write_phys(&self, addr: GuestPhys, data: &[u8]) -> Result<()>;
 }

@@ -190,7 +190,7 @@ pub struct CallTicket {
     pub func: u64,
     /// Guest-virtual address of the slot (for reading state and result).
     pub slot_virt: u64,
-    pub slot_phys: u64,
+    pub slot_phys: crate::addr::GuestPhys,
 }
 
 fn lerr(e: impl std::fmt::Display) -> PatchError {
@@ -592,7 +592,7 @@ impl CallEngine {
         Ok((c.b, [irq_fn, work_fn, hook_fn, prev_state_fn], module_traps, missing, (ips, entries)))
     }
 
-    fn slot_addr(&self, slot: usize) -> (u64, u64) {
+    fn slot_addr(&self, slot: usize) -> (u64, crate::addr::GuestPhys) {
         let off = SLOT_SIZE * slot as u64;
         (self.data.virt + off, self.data.phys + off)
     }
@@ -667,7 +667,7 @@ impl CallEngine {
         w.write_phys(pa, &b)?;
         // Publish: one aligned 8-byte store of the list head.
         let node = va + iw + l.irq_llist;
-        let head_pa = k.mem.translate(self.raised_list)?;
+        let head_pa = crate::addr::GuestPhys(k.mem.translate(self.raised_list)?);
         w.write_phys(head_pa, &node.to_le_bytes())?;
         if let Some(s) = self.slots.get_mut(slot) {
             *s = SlotState::Busy;
@@ -678,12 +678,12 @@ impl CallEngine {
     /// Reads a call's result from guest-physical memory: `Some` once done.
     pub fn poll(phys: &dyn introspect::PhysMem, t: &CallTicket) -> Result<Option<i64>> {
         let mut st = [0u8; 4];
-        phys.read_phys(t.slot_phys + OFF_STATE, &mut st)?;
+        phys.read_phys((t.slot_phys + OFF_STATE).0, &mut st)?;
         if u32::from_le_bytes(st) != STATE_DONE {
             return Ok(None);
         }
         let mut r = [0u8; 8];
-        phys.read_phys(t.slot_phys + OFF_RESULT, &mut r)?;
+        phys.read_phys((t.slot_phys + OFF_RESULT).0, &mut r)?;
         Ok(Some(i64::from_le_bytes(r)))
     }
 
@@ -727,7 +727,7 @@ impl CallEngine {
 
     /// The hook's first call waits for a verdict (read without stopping
     /// the guest): the guest-physical address of its flag.
-    pub fn hook_waiting_phys(&self) -> u64 {
+    pub fn hook_waiting_phys(&self) -> crate::addr::GuestPhys {
         self.data.phys + HOOK_WAITING
     }
 
@@ -741,7 +741,7 @@ impl CallEngine {
     /// guest: (kind, struct module address), when one waits unanswered.
     pub fn pending_event(&self, phys: &dyn introspect::PhysMem) -> Result<Option<(u32, u64)>> {
         let mut b = [0u8; 32];
-        phys.read_phys(self.data.phys + EV_BUSY, &mut b)?;
+        phys.read_phys((self.data.phys + EV_BUSY).0, &mut b)?;
         let u = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let (waiting, ready, kind) = (u(4), u(8), u(16));
         if waiting != 1 || ready != 0 {

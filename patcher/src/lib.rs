@@ -4,6 +4,7 @@
 //! safe point, with a func stack per site. Works on a "stopped VM" through
 //! introspection plus [`guest::GuestWriter`], so it is testable without KVM.
 
+pub mod addr;
 pub mod engine;
 pub mod error;
 pub mod guest;
@@ -15,6 +16,7 @@ pub mod klp_read;
 pub mod lifecycle;
 pub mod placement;
 
+pub use addr::{GuestPhys, GuestVirt};
 pub use engine::{ApplyOptions, Outcome, Patcher};
 pub use error::{PatchError, Result};
 pub use module::PatchModule;

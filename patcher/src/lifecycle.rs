@@ -94,7 +94,7 @@ impl Patcher {
                     module: m.name.clone(),
                     detail: format!("parameter storage in section {section} is not placed"),
                 })?;
-                let pa = k.mem.translate(va)?;
+                let pa = crate::addr::GuestPhys(k.mem.translate(va)?);
                 w.write_phys(pa, &bytes)?;
             }
             Ok(())
@@ -176,7 +176,7 @@ impl Patcher {
             let va = linked
                 .address(section, offset)
                 .ok_or_else(|| PatchError::Param { module: name.into(), detail: format!("parameter storage in section {section} is not placed") })?;
-            w.write_phys(k.mem.translate(va)?, &bytes)?;
+            w.write_phys(crate::addr::GuestPhys(k.mem.translate(va)?), &bytes)?;
         }
         Ok(())
     }
@@ -229,7 +229,8 @@ impl Patcher {
             return Ok(false);
         }
         let (start, end) = c.text_range();
-        let blockers = Patcher::blockers(k, u, &[("guest-call routines".to_string(), start, end - start)])?;
+        let routines = crate::engine::CodeRange { name: "guest-call routines".into(), start, size: end - start };
+        let blockers = Patcher::blockers(k, w, u, &[routines])?;
         if !blockers.is_empty() {
             return Ok(false);
         }
@@ -329,7 +330,7 @@ impl Patcher {
             let Some(name) = &o.name else { continue };
             if let Some(md) = modules.iter().find(|x| &x.name == name) {
                 let at = o.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(o.addr)))?;
-                w.write_phys(k.mem.translate(at)?, &md.addr.to_le_bytes())?;
+                w.write_phys(crate::addr::GuestPhys(k.mem.translate(at)?), &md.addr.to_le_bytes())?;
             }
         }
         if let Some(st) = self.staged.as_mut() {
@@ -431,7 +432,7 @@ impl Patcher {
             .ok_or_else(|| PatchError::State(format!("{patch} has no object {object}")))?;
         let mod_off = k.btf.member_offset("klp_object", "mod")?;
         let at = obj.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(obj.addr)))?;
-        w.write_phys(k.mem.translate(at)?, &mod_addr.to_le_bytes())
+        w.write_phys(crate::addr::GuestPhys(k.mem.translate(at)?), &mod_addr.to_le_bytes())
     }
 
     /// Module `module` (its `struct module` at `mod_addr`) is coming (every
@@ -453,7 +454,7 @@ impl Patcher {
         let obj = spec.objects.get(object).ok_or_else(|| PatchError::State(format!("{patch} has no object {object}")))?;
         let mod_off = k.btf.member_offset("klp_object", "mod")?;
         let at = obj.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(obj.addr)))?;
-        w.write_phys(k.mem.translate(at)?, &mod_addr.to_le_bytes())?;
+        w.write_phys(crate::addr::GuestPhys(k.mem.translate(at)?), &mod_addr.to_le_bytes())?;
         let one = PatchSpec { objects: vec![obj.clone()], ..spec.clone() };
         let (funcs, new_sites) = self.resolve_funcs(k, records, &one)?;
         let linked = self.patches[i].linked.clone();
@@ -463,10 +464,10 @@ impl Patcher {
             self.sites.insert(s.site, s.clone());
         }
         // Only the module's own sites: others may be in a transition.
-        let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.4).collect();
+        let mine: std::collections::BTreeSet<u64> = funcs.iter().map(|f| f.site).collect();
         let desired: std::collections::BTreeMap<u64, Option<u64>> =
             Self::desired(&self.patches).into_iter().filter(|(s, _)| mine.contains(s)).collect();
-        match self.switch_sites(k, w, &desired) {
+        match self.switch_sites(&crate::engine::guest_view::LiveGuest::memory(k, w), &desired) {
             Ok(n) => Ok(n),
             Err(e) => {
                 self.patches[i].funcs.retain(|f| f.object.as_deref() != obj.name.as_deref());
@@ -490,7 +491,7 @@ impl Patcher {
             .map(|f| f.site)
             .collect();
         let desired: std::collections::BTreeMap<u64, Option<u64>> = gone.iter().map(|s| (*s, None)).collect();
-        let n = self.switch_sites(k, w, &desired)?;
+        let n = self.switch_sites(&crate::engine::guest_view::LiveGuest::memory(k, w), &desired)?;
         for p in self.patches.iter_mut() {
             p.funcs.retain(|f| f.object.as_deref() != Some(module));
         }
@@ -507,7 +508,7 @@ impl Patcher {
         for p in &self.patches {
             for o in p.spec.iter().flat_map(|s| &s.objects).filter(|o| o.name.as_deref() == Some(module)) {
                 let at = o.addr.checked_add(mod_off).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(o.addr)))?;
-                w.write_phys(k.mem.translate(at)?, &0u64.to_le_bytes())?;
+                w.write_phys(crate::addr::GuestPhys(k.mem.translate(at)?), &0u64.to_le_bytes())?;
             }
         }
         Ok(())

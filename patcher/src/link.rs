@@ -29,7 +29,7 @@ pub struct LinkedModule {
     /// Guest-virtual base of each placed section.
     pub section_base: HashMap<usize, u64>,
     /// (guest-physical address, bytes) to write.
-    pub images: Vec<(u64, Vec<u8>)>,
+    pub images: Vec<(crate::addr::GuestPhys, Vec<u8>)>,
     /// The module's ORC table at its guest addresses, so tasks inside the
     /// new code unwind reliably: (text start, text end, ips, entries).
     pub orc: Option<(u64, u64, Vec<u64>, Vec<introspect::orc::OrcEntry>)>,

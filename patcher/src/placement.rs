@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::addr::GuestPhys;
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
 use introspect::translate::KernelMemory;
@@ -37,7 +38,7 @@ pub enum AreaKind {
 pub struct Allocation {
     pub kind: AreaKind,
     pub virt: u64,
-    pub phys: u64,
+    pub phys: GuestPhys,
     pub size: u64,
 }
 
@@ -72,7 +73,7 @@ impl Area {
             }
         }
         self.used.insert(at, (cursor, size));
-        Some(Allocation { kind: self.kind, virt: self.virt + cursor, phys: self.phys + cursor, size })
+        Some(Allocation { kind: self.kind, virt: self.virt + cursor, phys: GuestPhys(self.phys + cursor), size })
     }
 
     fn free(&mut self, a: &Allocation) -> bool {
@@ -203,7 +204,7 @@ impl Region {
             }
         }
         for (entry, value) in &writes {
-            w.write_phys(*entry, &value.to_le_bytes())?;
+            w.write_phys(GuestPhys(*entry), &value.to_le_bytes())?;
         }
         self.mapped_pmds = writes.into_iter().map(|(e, _)| e).collect();
         Ok(())
@@ -212,7 +213,7 @@ impl Region {
     /// Removes the mappings (when nothing is allocated any more).
     pub fn unmap(&mut self, w: &dyn GuestWriter) -> Result<()> {
         for e in self.mapped_pmds.drain(..) {
-            w.write_phys(e, &0u64.to_le_bytes())?;
+            w.write_phys(GuestPhys(e), &0u64.to_le_bytes())?;
         }
         Ok(())
     }

@@ -427,14 +427,16 @@ pub fn snapshot_cache_dir() -> PathBuf {
 /// in its idle task, checked while paused: [`Guest::pause_quiet`]), so every
 /// restore starts from the same state. Later calls (and later test
 /// processes) reuse the snapshot, cached per image, vCPU count, snapshot
-/// format version and [`READY_RECIPE`].
+/// format version, saved patcher state versions and [`READY_RECIPE`].
 pub fn ready_snapshot(vcpus: u32) -> PathBuf {
     let image = image_dir();
     let key = format!(
-        "{}-{}vcpu-v{}-{READY_RECIPE}",
+        "{}-{}vcpu-v{}-s{}p{}-{READY_RECIPE}",
         image.file_name().unwrap().to_string_lossy(),
         vcpus,
-        vmm::snapshot::FORMAT_VERSION
+        vmm::snapshot::FORMAT_VERSION,
+        hyperpatch::live::SAVED_STATE_VERSION,
+        patcher::engine::STATE_VERSION
     );
     let root = snapshot_cache_dir();
     std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
