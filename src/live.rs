@@ -478,10 +478,22 @@ impl Shared {
                 continue;
             }
             let now = Instant::now();
-            let (has_pending, armed) = {
+            let (has_pending, armed, releasable) = {
                 let st = lock(&self.state);
-                (st.pending.is_some(), !st.armed.is_empty())
+                (st.pending.is_some(), !st.armed.is_empty(), st.calls_releasable())
             };
+            if !has_pending && releasable && now >= next_attempt && !vm.client_holds() {
+                // Routines a release had to leave (a kworker was still
+                // inside them) go once nothing uses them.
+                let mut st = lock(&self.state);
+                if let Err(e) = st.release_calls(vm) {
+                    eprintln!("hyperpatch: releasing the guest-call routines: {e:#}");
+                }
+                self.publish_and_answer(&mut st, vm);
+                drop(st);
+                next_attempt = Instant::now() + Duration::from_millis(500);
+                continue;
+            }
             if has_pending && now >= next_attempt {
                 let mut st = lock(&self.state);
                 let delay = st.tick(vm);
@@ -1187,6 +1199,14 @@ impl State {
         }
         let paused = vm.pause()?;
         self.with_kernel(&paused, |p, k, w| Ok(p.unbind_module(k, w, name)?))
+    }
+
+    /// The guest-call routines are placed although nothing needs them any
+    /// more, and they can be freed once no kworker is inside them.
+    fn calls_releasable(&self) -> bool {
+        self.patcher.call_engine().is_some_and(|c| !c.any_lost())
+            && self.patcher.patches().is_empty()
+            && self.patcher.staged().is_none()
     }
 
     /// Frees the guest-call routines if nothing uses them (see

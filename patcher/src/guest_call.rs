@@ -694,6 +694,11 @@ impl CallEngine {
         }
     }
 
+    /// A call timed out and its slot is lost: the routines stay for good.
+    pub fn any_lost(&self) -> bool {
+        self.slots.iter().any(|s| matches!(s, SlotState::Lost))
+    }
+
     /// No call is running or lost, and every slot's irq_work is released.
     pub fn idle(&self, k: &Kernel<'_>) -> Result<bool> {
         for (i, st) in self.slots.iter().enumerate() {
