@@ -30,6 +30,8 @@ use patcher::{ApplyOptions, Outcome, PatchError, PatchModule, Patcher};
 use std::time::{Duration, Instant};
 use vmm::api::{ApiExtension, Handled};
 use vmm::{PausedVm, Vm};
+use patcher::engine::guest_view::LiveGuest;
+use patcher::engine::prescan::{Prescan, PrescannedGuest};
 
 /// Guest memory of a paused VM.
 pub struct LiveMemory<'a>(pub &'a GuestMemoryMmap);
@@ -43,6 +45,11 @@ impl PhysMem for LiveMemory<'_> {
     fn phys_size(&self) -> u64 {
         self.0.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0)
     }
+}
+
+/// What identifies the module ORC tables an unwinder holds.
+fn module_signature(mods: &[introspect::modules::Module]) -> Vec<(u64, String, u64, u64)> {
+    mods.iter().map(|m| (m.addr, m.name.clone(), m.core_base, m.core_text_size)).collect()
 }
 
 /// Every vCPU's state from a paused VM.
@@ -118,6 +125,16 @@ pub enum PatchRequest {
         /// Reply only when the transition has ended.
         #[serde(default)]
         wait: bool,
+        /// A testing aid: after the first pre-scan of the stacks (made while
+        /// the guest runs), hold the operation until `release`, so a test
+        /// can change the guest between the pre-scan and the stop.
+        #[serde(default)]
+        hold_after_prescan: bool,
+        /// Read the stacks while the guest runs and re-check in the stop
+        /// only the tasks that ran since (default). `false` unwinds every
+        /// stack in the stop (for comparison).
+        #[serde(default = "yes")]
+        prescan: bool,
     },
     Disable {
         name: String,
@@ -152,6 +169,8 @@ pub enum PatchRequest {
     Force {},
     /// Send the running per-task transition back.
     Reverse {},
+    /// Let an operation held after its pre-scan go on to its stop.
+    Release {},
 }
 
 /// `call`, typed: runs a guest kernel function in process context.
@@ -204,6 +223,17 @@ struct PendingOp {
     /// the stops only check stacks and write sites.
     unwinder: Option<introspect::stacks::Unwinder>,
     records: Option<introspect::ftrace::FtraceRecords>,
+    /// The modules `unwinder` has the ORC of (address, name, text): a stop
+    /// that finds another list builds it again.
+    unwinder_modules: Vec<(u64, String, u64, u64)>,
+    /// The last stop's stack work: tasks pre-scanned while the guest ran,
+    /// their stacks reused in the stop, and stacks unwound in the stop.
+    stack_counts: Option<(usize, usize, usize)>,
+    /// Pre-scan stacks while the guest runs before each stop.
+    prescan: bool,
+    /// Hold after the first pre-scan (until `release`), and that pre-scan.
+    hold_after_prescan: bool,
+    held_prescan: Option<Prescan>,
     /// Per-task transition: tasks not yet migrated.
     remaining: Option<usize>,
     /// Complete a running per-task transition at the next step (unsafe).
@@ -249,6 +279,10 @@ struct SavedState {
 /// What the worker owns: the patcher and the operation in flight.
 struct State {
     cache: Option<(Kallsyms, Btf)>,
+    /// Every vCPU's registers at the last stop: a view of the running
+    /// guest's memory walks its page tables from there (the kernel half
+    /// of every page table is the same).
+    last_cpus: Option<Vec<CpuState>>,
     patcher: Patcher,
     pending: Option<PendingOp>,
     finished: Option<Finished>,
@@ -290,6 +324,7 @@ struct PendingView {
     remaining: Option<usize>,
     blockers: Value,
     held: bool,
+    held_after_prescan: bool,
 }
 
 impl PendingView {
@@ -302,11 +337,18 @@ impl PendingView {
             remaining: op.remaining,
             blockers: serde_json::to_value(&op.blockers).unwrap_or(Value::Null),
             held: vm.client_holds(),
+            held_after_prescan: op.held_prescan.is_some(),
         }
     }
 
     fn render(&self) -> Value {
-        let state = if self.remaining.is_some() { "per-task transition" } else { "waiting for a safe point" };
+        let state = if self.held_after_prescan {
+            "held after its pre-scan"
+        } else if self.remaining.is_some() {
+            "per-task transition"
+        } else {
+            "waiting for a safe point"
+        };
         let mut v = json!({
             "verb": self.verb, "patch": self.target, "state": state,
             "attempts": self.attempts, "elapsed_secs": self.start.elapsed().as_secs_f64(),
@@ -385,6 +427,11 @@ impl GuestApi {
                 blockers: Vec::new(),
                 unwinder: None,
                 records: None,
+                unwinder_modules: Vec::new(),
+                stack_counts: None,
+                prescan: true,
+                hold_after_prescan: false,
+                held_prescan: None,
                 remaining: if op.per_task { Some(op.remaining.unwrap_or(0)) } else { None },
                 force_now: false,
                 reverse_now: false,
@@ -398,7 +445,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new() }),
+            state: Mutex::new(State { cache: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -607,6 +654,7 @@ impl State {
         f: impl FnOnce(&mut Patcher, &Kernel<'_>, &LiveWriter<'_>) -> Result<T>,
     ) -> Result<T> {
         let cpus = cpu_states(paused)?;
+        self.last_cpus = Some(cpus.clone());
         let mem = LiveMemory(paused.memory());
         let k = match self.cache.take() {
             Some((syms, btf)) => Kernel::from_parts(&mem, cpus, syms, btf)?,
@@ -616,6 +664,63 @@ impl State {
         let r = f(&mut self.patcher, &k, &w);
         let Kernel { syms, btf, .. } = k;
         self.cache = Some((syms, btf));
+        r
+    }
+
+    /// Runs `f` on a view of the guest's memory while the guest runs (no
+    /// stop): what it reads may be torn, so it is only for what a stop
+    /// checks again (pre-scans, tables that do not change). Needs a stop
+    /// before it (its registers give the page-table root).
+    fn with_running_kernel<T>(&mut self, vm: &Vm, f: impl FnOnce(&Patcher, &Kernel<'_>) -> Result<T>) -> Result<T> {
+        let cpus = self.last_cpus.clone().ok_or_else(|| anyhow!("no stop has read the vCPUs yet"))?;
+        let (syms, btf) = self.cache.take().ok_or_else(|| anyhow!("kallsyms and BTF are not read yet"))?;
+        let mem = LiveMemory(vm.memory());
+        let k = match Kernel::from_parts(&mem, cpus, syms, btf) {
+            Ok(k) => k,
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        let r = f(&self.patcher, &k);
+        let Kernel { syms, btf, .. } = k;
+        self.cache = Some((syms, btf));
+        r
+    }
+
+    /// The pending operation's ORC tables and ftrace records, read while
+    /// the guest runs: the vmlinux tables and records do not change, module
+    /// tables are checked against the module list in every stop, and record
+    /// flags and addresses are read again in the stop.
+    fn read_tables_running(&mut self, vm: &Vm) -> Result<()> {
+        let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
+        let r = self.with_running_kernel(vm, |p, k| {
+            let mods = k.modules()?;
+            let mut u = k.unwinder(&mods)?;
+            p.register_orc(&mut u);
+            op.unwinder = Some(u);
+            op.unwinder_modules = module_signature(&mods);
+            if op.verb == "apply" {
+                op.records = Some(k.ftrace_records()?);
+            }
+            Ok(())
+        });
+        if r.is_err() {
+            op.unwinder = None;
+            op.records = None;
+        }
+        self.pending = Some(op);
+        r
+    }
+
+    /// Pre-scans the tasks' stacks while the guest runs, for the next stop.
+    fn prescan(&mut self, vm: &Vm) -> Option<Prescan> {
+        if !self.pending.as_ref()?.prescan {
+            return None;
+        }
+        let op = self.pending.take()?;
+        let r = match op.unwinder.as_ref() {
+            Some(u) => self.with_running_kernel(vm, |_, k| Ok(Prescan::take(k, u)?)).ok(),
+            None => None,
+        };
+        self.pending = Some(op);
         r
     }
 
@@ -1234,12 +1339,28 @@ impl State {
     /// At a global safe point, a vCPU running inside a changed function is
     /// single-stepped (bounded) until it has left, then checked again.
     fn attempt(&mut self, vm: &Vm) -> Option<Reply> {
+        // Stacks are read while the guest runs; the stop re-checks only the
+        // tasks that may have run since (see patcher::engine::prescan).
+        let held = self.pending.as_mut().and_then(|op| op.held_prescan.take());
+        let prescan = match held {
+            Some(p) => Some(p),
+            None => self.prescan(vm),
+        };
+        if let Some(op) = self.pending.as_mut() {
+            if op.hold_after_prescan {
+                if op.start.elapsed() >= op.timeout {
+                    return Some(Err(format!("{} {}: held after its pre-scan until it timed out; nothing was changed", op.verb, op.target)));
+                }
+                op.held_prescan = Some(prescan.unwrap_or_default());
+                return None;
+            }
+        }
         let paused = match vm.pause() {
             Ok(p) => p,
             Err(e) => return Some(Err(e.to_string())),
         };
         let stopped = Instant::now();
-        let mut outcome = self.try_once(&paused);
+        let mut outcome = self.try_once(&paused, prescan.as_ref());
         let mut steps = 0u32;
         while let Ok(Outcome::Blocked(b)) = &outcome {
             let running: Vec<usize> = b.iter().filter(|x| !x.unreliable).filter_map(|x| x.running_on).collect();
@@ -1262,7 +1383,7 @@ impl State {
             if failed {
                 break;
             }
-            outcome = self.try_once(&paused);
+            outcome = self.try_once(&paused, prescan.as_ref());
         }
         let stopped_for = stopped.elapsed();
         drop(paused);
@@ -1274,10 +1395,12 @@ impl State {
                 if forced {
                     eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
                 }
+                let (prescanned, reused, unwound) = op.stack_counts.unwrap_or((0, 0, 0));
                 Some(Ok(json!({
                     "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
+                    "stacks": {"prescanned": prescanned, "reused": reused, "unwound_in_stop": unwound},
                 })))
             }
             Ok(Outcome::InTransition { remaining, blockers }) => {
@@ -1296,33 +1419,47 @@ impl State {
         }
     }
 
-    /// One check-and-switch of the pending operation on a paused VM.
-    fn try_once(&mut self, paused: &PausedVm<'_>) -> Result<Outcome> {
+    /// One check-and-switch of the pending operation on a paused VM, with
+    /// the stacks of a pre-scan where they are still the tasks' stacks.
+    fn try_once(&mut self, paused: &PausedVm<'_>, prescan: Option<&Prescan>) -> Result<Outcome> {
         let mut op = self.pending.take().ok_or_else(|| anyhow!("no pending operation"))?;
         op.attempts += 1;
         let outcome = self.with_kernel(paused, |p, k, w| {
-            if op.unwinder.is_none() {
-                let mut u = k.unwinder(&k.modules()?)?;
+            let mods = k.modules()?;
+            let mut prescan = prescan;
+            if op.unwinder.is_none() || module_signature(&mods) != op.unwinder_modules {
+                // A module came or went since the tables were read: read
+                // them again, and unwind every stack in this stop.
+                let mut u = k.unwinder(&mods)?;
                 p.register_orc(&mut u);
                 op.unwinder = Some(u);
+                op.unwinder_modules = module_signature(&mods);
+                prescan = None;
             }
             if op.records.is_none() && op.verb == "apply" {
                 op.records = Some(k.ftrace_records()?);
             }
             let u = op.unwinder.as_ref().ok_or_else(|| anyhow!("unwinder"))?;
-            if p.in_transition().is_some() {
-                if op.reverse_now {
-                    op.reverse_now = false;
-                    op.verb = format!("reverse {}", op.verb);
-                    return Ok(p.reverse(k, w, u)?);
+            let empty = Prescan::default();
+            let g = PrescannedGuest::new(LiveGuest::new(k, w, u), prescan.unwrap_or(&empty));
+            let r = (|| -> Result<Outcome> {
+                if p.in_transition().is_some() {
+                    if op.reverse_now {
+                        op.reverse_now = false;
+                        op.verb = format!("reverse {}", op.verb);
+                        return Ok(p.reverse_on(&g)?);
+                    }
+                    return Ok(if op.force_now { p.force_on(&g)? } else { p.advance_on(&g)? });
                 }
-                return Ok(if op.force_now { p.force_transition(k, w, u)? } else { p.advance(k, w, u)? });
-            }
-            Ok(match op.verb.as_str() {
-                "apply" => p.apply(k, w, u, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, op.opts)?,
-                "disable" => p.set_enabled(k, w, u, &op.target, false, op.opts.force, op.opts.per_task)?,
-                _ => p.set_enabled(k, w, u, &op.target, true, op.opts.force, op.opts.per_task)?,
-            })
+                Ok(match op.verb.as_str() {
+                    "apply" => p.apply_on(k, &g, op.records.as_ref().ok_or_else(|| anyhow!("records"))?, op.opts)?,
+                    "disable" => p.set_enabled_on(&g, &op.target, false, op.opts.force, op.opts.per_task)?,
+                    _ => p.set_enabled_on(&g, &op.target, true, op.opts.force, op.opts.per_task)?,
+                })
+            })();
+            let (reused, unwound) = g.counts();
+            op.stack_counts = Some((prescan.map(|x| x.walked).unwrap_or(0), reused, unwound));
+            r
         });
         self.pending = Some(op);
         outcome
@@ -1335,7 +1472,7 @@ impl State {
     /// Runs a patch verb. Returns the reply channel back when the answer
     /// must wait for the pending operation to end.
     fn patch_job(&mut self, vm: &Vm, req: PatchRequest, tx: Sender<Reply>) -> Option<Sender<Reply>> {
-        let (verb, target, opts, timeout, wait) = match req {
+        let (verb, target, opts, timeout, wait, hold) = match req {
             PatchRequest::List {} => {
                 let _ = tx.send(Err("list is served by the control loop".into()));
                 return None;
@@ -1383,13 +1520,19 @@ impl State {
                 // writing 0 to its `enabled` does upstream.
                 return self.patch_job(vm, PatchRequest::Reverse {}, tx);
             }
-            PatchRequest::Reverse {} | PatchRequest::Force {} => {
+            PatchRequest::Reverse {} | PatchRequest::Force {} | PatchRequest::Release {} => {
                 let force = matches!(req, PatchRequest::Force {});
                 let Some(p) = self.pending.as_mut() else {
-                    let _ = tx.send(Err("no transition is running".into()));
+                    let _ = tx.send(Err("no operation is running".into()));
                     return None;
                 };
-                if force {
+                if matches!(req, PatchRequest::Release {}) {
+                    if !p.hold_after_prescan {
+                        let _ = tx.send(Err(format!("{} {} is not held", p.verb, p.target)));
+                        return None;
+                    }
+                    p.hold_after_prescan = false;
+                } else if force {
                     p.force_now = true;
                     eprintln!("hyperpatch: {} {}: forcing the transition (unsafe)", p.verb, p.target);
                 } else {
@@ -1415,7 +1558,7 @@ impl State {
                 }
                 return None;
             }
-            PatchRequest::Apply { path, params, force, skip_callbacks, per_task, timeout_secs, wait } => {
+            PatchRequest::Apply { path, params, force, skip_callbacks, per_task, timeout_secs, wait, hold_after_prescan, prescan } => {
                 if let Some(p) = &self.pending {
                     let _ = tx.send(Err(format!("{} {} is still running; try again when it ends", p.verb, p.target)));
                     return None;
@@ -1425,7 +1568,7 @@ impl State {
                     return None;
                 }
                 match self.load_module(vm, &path, &params, skip_callbacks) {
-                    Ok(name) => ("apply", name, ApplyOptions { force, skip_callbacks, per_task }, timeout_secs, wait),
+                    Ok(name) => ("apply", name, ApplyOptions { force, skip_callbacks, per_task }, timeout_secs, wait, (hold_after_prescan, prescan)),
                     Err(e) => {
                         let _ = tx.send(Err(format!("{e:#}")));
                         return None;
@@ -1437,14 +1580,14 @@ impl State {
                     let _ = tx.send(Err(format!("{e:#}")));
                     return None;
                 }
-                ("disable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
+                ("disable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait, (false, true))
             }
             PatchRequest::Enable { name, force, per_task, timeout_secs, wait } => {
                 if let Err(e) = self.before_switch(vm, &name, true) {
                     let _ = tx.send(Err(format!("{e:#}")));
                     return None;
                 }
-                ("enable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait)
+                ("enable", name, ApplyOptions { force, skip_callbacks: false, per_task }, timeout_secs, wait, (false, true))
             }
         };
         if let Some(p) = &self.pending {
@@ -1466,20 +1609,31 @@ impl State {
             blockers: Vec::new(),
             unwinder: None,
             records: None,
+            unwinder_modules: Vec::new(),
+            stack_counts: None,
+            prescan: hold.1,
+            hold_after_prescan: hold.0,
+            held_prescan: None,
             remaining: None,
             force_now: false,
             reverse_now: false,
             waiters: Vec::new(),
         });
-        // Read what does not change while the guest runs in a first,
-        // separate stop, so the switching stops stay short.
+        // Read what does not change while the guest runs without stopping
+        // it (a stop checks it again); when that cannot be done, in a
+        // first, separate stop, so the switching stops stay short.
         let prep = (|| -> Result<()> {
+            if self.read_tables_running(vm).is_ok() {
+                return Ok(());
+            }
             let paused = vm.pause()?;
             let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
             let r = self.with_kernel(&paused, |p, k, _| {
-                let mut u = k.unwinder(&k.modules()?)?;
+                let mods = k.modules()?;
+                let mut u = k.unwinder(&mods)?;
                 p.register_orc(&mut u);
                 op.unwinder = Some(u);
+                op.unwinder_modules = module_signature(&mods);
                 if op.verb == "apply" {
                     op.records = Some(k.ftrace_records()?);
                 }

@@ -9,6 +9,14 @@
  *                    the TSC (and an empty loop as the baseline); read:
  *                    "N cycles_target cycles_baseline"
  *   /proc/hp_many    prints the sum of hp_f01()..hp_f20()
+ *   /proc/hp_spawn   write N: starts N more kernel threads that sleep until
+ *                    the module goes (scale tests); read: how many run
+ *   /proc/hp_racer   write "start": a kernel thread "hp_racer" that sleeps
+ *                    outside every patched function; "enter": it wakes and
+ *                    calls hp_sleep_wait(); "fork": a new kernel thread
+ *                    "hp_forked" calls hp_sleep_wait() (both until
+ *                    /proc/hp_wake). Drives a task into a changed function
+ *                    at a moment the test chooses.
  */
 #include <linux/module.h>
 #include <linux/proc_fs.h>
@@ -17,6 +25,9 @@
 #include <linux/wait.h>
 #include <linux/sched.h>
 #include <linux/timex.h>
+#include <linux/kthread.h>
+#include <linux/vmalloc.h>
+#include <linux/string.h>
 
 static DECLARE_WAIT_QUEUE_HEAD(hp_wq);
 static int hp_woken;
@@ -105,16 +116,110 @@ static int hp_many_show(struct seq_file *m, void *v)
 	return 0;
 }
 
+#define HP_SPAWN_MAX 10000
+static DECLARE_WAIT_QUEUE_HEAD(hp_spawn_wq);
+static struct task_struct **hp_spawned;
+static int hp_nr_spawned;
+
+static int hp_sleeper(void *data)
+{
+	while (!kthread_should_stop())
+		wait_event_interruptible(hp_spawn_wq, kthread_should_stop());
+	return 0;
+}
+
+static ssize_t hp_spawn_write(struct file *f, const char __user *buf, size_t n, loff_t *off)
+{
+	unsigned int count, i;
+	struct task_struct *t;
+
+	if (kstrtouint_from_user(buf, n, 10, &count))
+		return -EINVAL;
+	if (count > HP_SPAWN_MAX - hp_nr_spawned)
+		return -ENOSPC;
+	for (i = 0; i < count; i++) {
+		t = kthread_run(hp_sleeper, NULL, "hp_sleeper/%d", hp_nr_spawned);
+		if (IS_ERR(t))
+			return PTR_ERR(t);
+		hp_spawned[hp_nr_spawned++] = t;
+	}
+	return n;
+}
+
+static int hp_spawn_show(struct seq_file *m, void *v)
+{
+	seq_printf(m, "%d\n", hp_nr_spawned);
+	return 0;
+}
+
+static DECLARE_WAIT_QUEUE_HEAD(hp_racer_wq);
+static int hp_racer_go;
+static struct task_struct *hp_racer, *hp_forked;
+
+/* Sleeps in its own wait (no patched function on its stack) until "enter". */
+static int hp_racer_fn(void *data)
+{
+	wait_event_interruptible(hp_racer_wq, hp_racer_go || kthread_should_stop());
+	if (!kthread_should_stop())
+		hp_sleep_wait();
+	while (!kthread_should_stop())
+		wait_event_interruptible(hp_spawn_wq, kthread_should_stop());
+	return 0;
+}
+
+static int hp_forked_fn(void *data)
+{
+	hp_sleep_wait();
+	while (!kthread_should_stop())
+		wait_event_interruptible(hp_spawn_wq, kthread_should_stop());
+	return 0;
+}
+
+static ssize_t hp_racer_write(struct file *f, const char __user *ubuf, size_t n, loff_t *off)
+{
+	char buf[16] = {};
+
+	if (copy_from_user(buf, ubuf, min(n, sizeof(buf) - 1)))
+		return -EFAULT;
+	strim(buf);
+	if (!strcmp(buf, "start") && !hp_racer) {
+		hp_racer = kthread_run(hp_racer_fn, NULL, "hp_racer");
+		if (IS_ERR(hp_racer)) {
+			long err = PTR_ERR(hp_racer);
+
+			hp_racer = NULL;
+			return err;
+		}
+	} else if (!strcmp(buf, "enter") && hp_racer) {
+		hp_racer_go = 1;
+		wake_up_interruptible(&hp_racer_wq);
+	} else if (!strcmp(buf, "fork") && !hp_forked) {
+		hp_forked = kthread_run(hp_forked_fn, NULL, "hp_forked");
+		if (IS_ERR(hp_forked)) {
+			long err = PTR_ERR(hp_forked);
+
+			hp_forked = NULL;
+			return err;
+		}
+	} else {
+		return -EINVAL;
+	}
+	return n;
+}
+
 static int hp_open_target(struct inode *i, struct file *f) { return single_open(f, hp_target_show, NULL); }
 static int hp_open_sleep(struct inode *i, struct file *f) { return single_open(f, hp_sleep_show, NULL); }
 static int hp_open_bench(struct inode *i, struct file *f) { return single_open(f, hp_bench_show, NULL); }
 static int hp_open_many(struct inode *i, struct file *f) { return single_open(f, hp_many_show, NULL); }
+static int hp_open_spawn(struct inode *i, struct file *f) { return single_open(f, hp_spawn_show, NULL); }
 
 static const struct proc_ops hp_target_ops = { .proc_open = hp_open_target, .proc_read = seq_read, .proc_release = single_release };
 static const struct proc_ops hp_sleep_ops = { .proc_open = hp_open_sleep, .proc_read = seq_read, .proc_release = single_release };
 static const struct proc_ops hp_wake_ops = { .proc_write = hp_wake_write };
 static const struct proc_ops hp_bench_ops = { .proc_open = hp_open_bench, .proc_read = seq_read, .proc_write = hp_bench_write, .proc_release = single_release };
 static const struct proc_ops hp_many_ops = { .proc_open = hp_open_many, .proc_read = seq_read, .proc_release = single_release };
+static const struct proc_ops hp_spawn_ops = { .proc_open = hp_open_spawn, .proc_read = seq_read, .proc_write = hp_spawn_write, .proc_release = single_release };
+static const struct proc_ops hp_racer_ops = { .proc_write = hp_racer_write };
 
 static int __init hp_target_init(void)
 {
@@ -123,6 +228,10 @@ static int __init hp_target_init(void)
 	proc_create("hp_wake", 0222, NULL, &hp_wake_ops);
 	proc_create("hp_bench", 0666, NULL, &hp_bench_ops);
 	proc_create("hp_many", 0444, NULL, &hp_many_ops);
+	hp_spawned = vzalloc(sizeof(*hp_spawned) * HP_SPAWN_MAX);
+	if (hp_spawned)
+		proc_create("hp_spawn", 0666, NULL, &hp_spawn_ops);
+	proc_create("hp_racer", 0222, NULL, &hp_racer_ops);
 	return 0;
 }
 
@@ -133,6 +242,16 @@ static void __exit hp_target_exit(void)
 	remove_proc_entry("hp_wake", NULL);
 	remove_proc_entry("hp_bench", NULL);
 	remove_proc_entry("hp_many", NULL);
+	remove_proc_entry("hp_spawn", NULL);
+	remove_proc_entry("hp_racer", NULL);
+	while (hp_nr_spawned > 0)
+		kthread_stop(hp_spawned[--hp_nr_spawned]);
+	vfree(hp_spawned);
+	/* hp_sleep_wait() sleepers leave once /proc/hp_wake is written. */
+	if (hp_racer)
+		kthread_stop(hp_racer);
+	if (hp_forked)
+		kthread_stop(hp_forked);
 }
 
 module_init(hp_target_init);

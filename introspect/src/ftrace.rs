@@ -65,6 +65,9 @@ pub struct FtraceRecord {
     pub flags: u64,
     /// Guest address of the record's `flags` field.
     pub flags_addr: u64,
+    /// Guest address of the record's `ip` field (records read while the
+    /// guest ran are checked through it in a stop).
+    pub ip_addr: u64,
 }
 
 impl FtraceRecord {
@@ -155,8 +158,9 @@ impl Kernel<'_> {
                     Some(u64::from_le_bytes(b.try_into().ok()?))
                 };
                 if let (Some(ip), Some(flags)) = (field(ip_off), field(flags_off)) {
-                    let flags_addr = records.wrapping_add(base as u64).wrapping_add(flags_off);
-                    by_ip.insert(ip, FtraceRecord { ip, flags, flags_addr });
+                    let rec = records.wrapping_add(base as u64);
+                    let flags_addr = rec.wrapping_add(flags_off);
+                    by_ip.insert(ip, FtraceRecord { ip, flags, flags_addr, ip_addr: rec.wrapping_add(ip_off) });
                 }
             }
             page = self.read_ptr(page, next_off)?;

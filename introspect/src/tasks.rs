@@ -35,6 +35,24 @@ pub struct Task {
     pub stack: u64,
     /// Saved kernel stack pointer (`task->thread.sp`) while switched out.
     pub thread_sp: u64,
+    /// What shows the task has not run since it was read: its context
+    /// switch counts, its `on_cpu`, and its `start_time` (which tells a
+    /// reused `task_struct` apart). `None` when BTF lacks a field. Read in
+    /// this order: the counts before `on_cpu`.
+    #[serde(skip)]
+    pub run_marks: Option<RunMarks>,
+}
+
+/// A task's context-switch counts (`nvcsw`, `nivcsw`), whether it was on a
+/// CPU (`on_cpu`), and its `start_time`, read in that order. The kernel
+/// bumps one count in `__schedule()` before every switch away from a task,
+/// and clears `on_cpu` only after the switch is complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunMarks {
+    pub nvcsw: u64,
+    pub nivcsw: u64,
+    pub on_cpu: u32,
+    pub start_time: u64,
 }
 
 /// Offsets of `task_struct` and friends, from BTF.
@@ -55,6 +73,8 @@ pub struct TaskLayout {
     pub signal_thread_head: u64,
     /// For /proc's name of kernel threads (None when BTF lacks them).
     pub kthread_names: Option<KthreadNameLayout>,
+    /// `nvcsw`, `nivcsw`, `on_cpu`, `start_time` (None when BTF lacks one).
+    pub run_marks: Option<[u64; 4]>,
 }
 
 /// Offsets `proc_task_name()` needs: `task->worker_private` is the
@@ -106,6 +126,10 @@ impl TaskLayout {
                 })
             })()
             .ok(),
+            run_marks: (|| -> Result<[u64; 4]> {
+                Ok([k.off("task_struct", "nvcsw")?, k.off("task_struct", "nivcsw")?, k.off("task_struct", "on_cpu")?, k.off("task_struct", "start_time")?])
+            })()
+            .ok(),
         })
     }
 }
@@ -146,7 +170,23 @@ pub fn walk_list(mem: &dyn KernelMemory, head: u64, off: u64, limit: usize, what
 impl Kernel<'_> {
     /// Reads one task.
     pub fn task_at(&self, l: &TaskLayout, addr: u64) -> Result<Task> {
+        self.task_at_named(l, addr, true)
+    }
+
+    /// Reads one task; `names`: also /proc's name of kernel threads (more
+    /// reads per task; `proc_comm` is `comm` without it).
+    fn task_at_named(&self, l: &TaskLayout, addr: u64, names: bool) -> Result<Task> {
         let at = |o: u64| addr.checked_add(o).ok_or(IntrospectError::Overflow(addr));
+        // First: every read after `on_cpu` == 0 sees the task switched out.
+        let run_marks = match l.run_marks {
+            Some([nv, niv, on, start]) => Some(RunMarks {
+                nvcsw: self.mem.read_u64(at(nv)?)?,
+                nivcsw: self.mem.read_u64(at(niv)?)?,
+                on_cpu: self.mem.read_u32(at(on)?)?,
+                start_time: self.mem.read_u64(at(start)?)?,
+            }),
+            None => None,
+        };
         let comm_raw = self.mem.read_bytes(at(l.comm)?, TASK_COMM_LEN)?;
         let end = comm_raw.iter().position(|b| *b == 0).unwrap_or(comm_raw.len());
         let comm = String::from_utf8_lossy(comm_raw.get(..end).unwrap_or(&[])).into_owned();
@@ -154,7 +194,7 @@ impl Kernel<'_> {
         let exit_state = self.mem.read_u32(at(l.exit_state)?)?;
         let flags = self.mem.read_u32(at(l.flags)?)?;
         let proc_comm = match l.kthread_names {
-            Some(n) if flags & (PF_KTHREAD | PF_WQ_WORKER) != 0 => self.proc_task_name(&n, addr, flags, &comm),
+            Some(n) if names && flags & (PF_KTHREAD | PF_WQ_WORKER) != 0 => self.proc_task_name(&n, addr, flags, &comm),
             _ => comm.clone(),
         };
         Ok(Task {
@@ -168,6 +208,7 @@ impl Kernel<'_> {
             running_on: None,
             stack: self.mem.read_u64(at(l.stack)?)?,
             thread_sp: self.mem.read_u64(at(l.thread_sp)?)?,
+            run_marks,
         })
     }
 
@@ -217,6 +258,16 @@ impl Kernel<'_> {
     /// Every thread (idle tasks of other CPUs included when running), in
     /// process-list order, threads after their group leader.
     pub fn tasks(&self) -> Result<Vec<Task>> {
+        self.walk_tasks(true)
+    }
+
+    /// [`Kernel::tasks`] without /proc's names of kernel threads: what a
+    /// stop needs, with fewer reads per task.
+    pub fn tasks_brief(&self) -> Result<Vec<Task>> {
+        self.walk_tasks(false)
+    }
+
+    fn walk_tasks(&self, names: bool) -> Result<Vec<Task>> {
         let l = TaskLayout::from_btf(self)?;
         let init = self.sym("init_task")?;
         let mut leaders = vec![init];
@@ -249,7 +300,7 @@ impl Kernel<'_> {
                     return Err(IntrospectError::WalkLimit { what: "tasks".into(), limit: MAX_TASKS });
                 }
                 if seen.insert(t) {
-                    out.push(self.task_at(&l, t)?);
+                    out.push(self.task_at_named(&l, t, names)?);
                 }
             }
         }
@@ -259,7 +310,7 @@ impl Kernel<'_> {
                     t.running_on = Some(cpu);
                 } else if cur != 0 && seen.insert(cur) {
                     // The idle task of a secondary CPU is on no list.
-                    let mut t = self.task_at(&l, cur)?;
+                    let mut t = self.task_at_named(&l, cur, names)?;
                     t.running_on = Some(cpu);
                     out.push(t);
                 }

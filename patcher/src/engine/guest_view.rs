@@ -4,6 +4,7 @@
 //! rollback and transition is tested off the VM.
 
 use std::cell::OnceCell;
+use std::collections::HashMap;
 
 use introspect::kernel::Kernel;
 use introspect::stacks::{Symbolizer, Unwinder};
@@ -88,7 +89,7 @@ pub struct LiveGuest<'a, 'm> {
     pub k: &'a Kernel<'m>,
     pub w: &'a dyn GuestWriter,
     pub u: Option<&'a Unwinder>,
-    tasks: OnceCell<Vec<introspect::tasks::Task>>,
+    tasks: OnceCell<(Vec<introspect::tasks::Task>, HashMap<u64, usize>)>,
     modules: OnceCell<Vec<introspect::modules::Module>>,
 }
 
@@ -101,12 +102,21 @@ impl<'a, 'm> LiveGuest<'a, 'm> {
     pub fn new(k: &'a Kernel<'m>, w: &'a dyn GuestWriter, u: &'a Unwinder) -> Self {
         LiveGuest { k, w, u: Some(u), tasks: OnceCell::new(), modules: OnceCell::new() }
     }
-    fn all_tasks(&self) -> Result<&[introspect::tasks::Task]> {
+    /// The task whose `task_struct` is at `addr`, as read in this stop.
+    pub fn task(&self, addr: GuestVirt) -> Option<&introspect::tasks::Task> {
+        let (all, index) = self.read_tasks().ok()?;
+        index.get(&addr.0).and_then(|i| all.get(*i))
+    }
+    fn read_tasks(&self) -> Result<&(Vec<introspect::tasks::Task>, HashMap<u64, usize>)> {
         if self.tasks.get().is_none() {
-            let t = self.k.tasks()?;
-            let _ = self.tasks.set(t);
+            let t = self.k.tasks_brief()?;
+            let index = t.iter().enumerate().map(|(i, t)| (t.addr, i)).collect();
+            let _ = self.tasks.set((t, index));
         }
-        self.tasks.get().map(Vec::as_slice).ok_or_else(|| PatchError::State("task list".into()))
+        self.tasks.get().ok_or_else(|| PatchError::State("task list".into()))
+    }
+    fn all_tasks(&self) -> Result<&[introspect::tasks::Task]> {
+        Ok(self.read_tasks()?.0.as_slice())
     }
 }
 
@@ -136,11 +146,7 @@ impl GuestTasks for LiveGuest<'_, '_> {
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         let unreliable = |why: &str| TaskFrames { reliable: false, reason: Some(why.into()), frames: Vec::new() };
         let Some(u) = self.u else { return unreliable("no unwinder for this stop") };
-        let task = match self.all_tasks() {
-            Ok(all) => all.iter().find(|x| x.addr == t.addr.0),
-            Err(_) => None,
-        };
-        let Some(task) = task else { return unreliable("the task left the task list") };
+        let Some(task) = self.task(t.addr) else { return unreliable("the task left the task list") };
         let st = self.k.unwind_task(u, task);
         TaskFrames {
             reliable: st.reliable,

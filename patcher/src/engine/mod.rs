@@ -13,6 +13,7 @@
 
 pub mod guest_view;
 pub mod plan;
+pub mod prescan;
 pub mod resolve;
 pub mod safety;
 pub mod sites;
@@ -307,9 +308,21 @@ impl Patcher {
         records: &introspect::ftrace::FtraceRecords,
         opts: ApplyOptions,
     ) -> Result<Outcome> {
+        self.apply_on(k, &LiveGuest::new(k, w, u), records, opts)
+    }
+
+    /// `apply` on any view `g` of the stopped guest `k` (a pre-scanned one
+    /// in the live VM).
+    pub fn apply_on(
+        &mut self,
+        k: &Kernel<'_>,
+        g: &dyn GuestTasks,
+        records: &introspect::ftrace::FtraceRecords,
+        opts: ApplyOptions,
+    ) -> Result<Outcome> {
         let spec = self.staged_spec()?;
         let (funcs, new_sites) = self.resolve_funcs(k, records, &spec)?;
-        self.apply_resolved(&LiveGuest::new(k, w, u), funcs, new_sites, opts)
+        self.apply_resolved(g, funcs, new_sites, opts)
     }
 
     fn staged_spec(&self) -> Result<PatchSpec> {
@@ -401,7 +414,7 @@ impl Patcher {
         if per_task {
             // From here the sites jump through stubs into the patch: it stays
             // on the stack in its transition whatever a step returns.
-            return self.advance_in(g);
+            return self.advance_on(g);
         }
         if replace {
             self.drop_replaced();
@@ -433,10 +446,10 @@ impl Patcher {
         force: bool,
         per_task: bool,
     ) -> Result<Outcome> {
-        self.set_enabled_in(&LiveGuest::new(k, w, u), name, enabled, force, per_task)
+        self.set_enabled_on(&LiveGuest::new(k, w, u), name, enabled, force, per_task)
     }
 
-    pub(crate) fn set_enabled_in(&mut self, g: &dyn GuestTasks, name: &str, enabled: bool, force: bool, per_task: bool) -> Result<Outcome> {
+    pub fn set_enabled_on(&mut self, g: &dyn GuestTasks, name: &str, enabled: bool, force: bool, per_task: bool) -> Result<Outcome> {
         let i = self.index(name)?;
         if self.patches[i].enabled == enabled {
             return Err(PatchError::State(format!("patch {name} is already {}", if enabled { "enabled" } else { "disabled" })));
@@ -469,7 +482,7 @@ impl Patcher {
         if !blockers.is_empty() && !force {
             if per_task {
                 self.start_task_transition(g, name, desired, ranges, TransitionGoal::SetEnabled(enabled), false)?;
-                return self.advance_in(g);
+                return self.advance_on(g);
             }
             return Ok(Outcome::Blocked(blockers));
         }

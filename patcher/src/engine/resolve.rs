@@ -161,7 +161,12 @@ impl Patcher {
                     let mut rec = *records.by_ip.get(&site).ok_or_else(|| {
                         serr("has no ftrace record: the function is notrace and cannot be patched".into())
                     })?;
-                    // The records were read before this stop: read the flags again now.
+                    // The records were read before this stop (maybe while the
+                    // guest ran): the record must still be this site's, and its
+                    // flags are read again now.
+                    if k.mem.read_u64(rec.ip_addr)? != site {
+                        return Err(serr(format!("its ftrace record at {:#x} moved since it was read; try again", rec.ip_addr)));
+                    }
                     rec.flags = k.mem.read_u64(rec.flags_addr)?;
                     if rec.enabled() || rec.refcount() > 0 {
                         return Err(serr(format!("the guest's ftrace uses this site (flags {:#x})", rec.flags)));

@@ -295,7 +295,7 @@ fn apply_switches_every_site_and_hands_the_records_over() {
     }
     assert!(p.staged.is_none());
     // Disable: the original bytes and the records' flags come back.
-    let out = p.set_enabled_in(&g, "p1", false, false, false).expect("disable");
+    let out = p.set_enabled_on(&g, "p1", false, false, false).expect("disable");
     assert!(matches!(out, Outcome::Switched { sites: 2, .. }), "{out:?}");
     for i in 0..2 {
         assert_eq!(g.peek(func(i), 5), NOP5);
@@ -328,7 +328,7 @@ fn a_site_changed_behind_our_back_refuses_the_whole_plan() {
     // Something else writes the second site.
     g.poke(func(1), &[0xcc; 5]);
     let before = g.image();
-    let err = p.set_enabled_in(&g, "p1", false, false, false).expect_err("refused");
+    let err = p.set_enabled_on(&g, "p1", false, false, false).expect_err("refused");
     assert!(matches!(&err, PatchError::Site { name, .. } if name == "func1"), "{err}");
     assert_eq!(g.image(), before, "the first site was not written either");
     assert!(p.patches[0].enabled);
@@ -374,9 +374,9 @@ fn per_task_transition_migrates_safe_tasks_then_completes() {
     assert_eq!(&code[..want.len()], &want[..]);
     assert_eq!(g.read_u64(GuestVirt(record(0))).unwrap(), sites::FTRACE_FL_DISABLED);
     // Still in the old function: still held.
-    assert!(matches!(p.advance_in(&g).unwrap(), Outcome::InTransition { remaining: 1, .. }));
+    assert!(matches!(p.advance_on(&g).unwrap(), Outcome::InTransition { remaining: 1, .. }));
     g.set_frames(2, &[]);
-    let out = p.advance_in(&g).expect("advance");
+    let out = p.advance_on(&g).expect("advance");
     assert!(matches!(out, Outcome::Switched { sites: 1, forced: false }), "{out:?}");
     assert!(p.in_transition().is_none());
     assert!(jumps_to(&g, 0, new_addr(&p, "p1", 0)));
@@ -395,15 +395,15 @@ fn reversing_a_transition_puts_the_guest_back_as_it_was() {
     assert!(matches!(out, Outcome::InTransition { remaining: 1, .. }), "{out:?}");
     // Task 1 was migrated and now sleeps in the new code: it holds the reversal.
     g.set_frames(1, &[new_addr(&p, "p1", 1) + 4]);
-    let out = p.reverse_in(&g).expect("reverse");
+    let out = p.reverse_on(&g).expect("reverse");
     assert!(matches!(&out, Outcome::InTransition { remaining: 1, blockers } if blockers[0].pid == 1), "{out:?}");
     assert_eq!(p.transition_state(), Some(TransitionState::Reversing));
     // Reversed twice: forward again, then back again.
-    p.reverse_in(&g).expect("forward");
+    p.reverse_on(&g).expect("forward");
     assert_eq!(p.transition_state(), Some(TransitionState::Patching));
-    p.reverse_in(&g).expect("back");
+    p.reverse_on(&g).expect("back");
     g.set_frames(1, &[]);
-    let out = p.advance_in(&g).expect("advance");
+    let out = p.advance_on(&g).expect("advance");
     assert!(matches!(out, Outcome::Switched { forced: false, .. }), "{out:?}");
     assert_eq!(g.image(), before, "sites, records, stubs and marks as before");
     assert!(p.patches.is_empty() && p.sites.is_empty() && p.transition.is_none());
@@ -429,7 +429,7 @@ fn a_failed_step_after_the_stubs_leaves_the_patch_in_its_transition() {
     assert_ne!(g.peek(stub, 4), vec![0u8; 4]);
     assert_eq!((g.patch_state(1), g.patch_state(2)), (TASK_UNDEFINED, TASK_UNDEFINED));
     g.set_frames(2, &[]);
-    assert!(matches!(p.advance_in(&g).unwrap(), Outcome::Switched { sites: 1, .. }));
+    assert!(matches!(p.advance_on(&g).unwrap(), Outcome::Switched { sites: 1, .. }));
     assert!(jumps_to(&g, 0, new_addr(&p, "p1", 0)));
 }
 
@@ -486,11 +486,11 @@ fn func_stack_falls_back_to_the_next_enabled_patch() {
     apply(&mut p, &g, "p1", &[0], false, false).expect("p1");
     apply(&mut p, &g, "p2", &[0], false, false).expect("p2");
     assert!(jumps_to(&g, 0, new_addr(&p, "p2", 0)));
-    p.set_enabled_in(&g, "p2", false, false, false).expect("disable p2");
+    p.set_enabled_on(&g, "p2", false, false, false).expect("disable p2");
     assert!(jumps_to(&g, 0, new_addr(&p, "p1", 0)));
-    p.set_enabled_in(&g, "p1", false, false, false).expect("disable p1");
+    p.set_enabled_on(&g, "p1", false, false, false).expect("disable p1");
     assert_eq!(g.peek(func(0), 5), NOP5);
-    p.set_enabled_in(&g, "p2", true, false, false).expect("enable p2");
+    p.set_enabled_on(&g, "p2", true, false, false).expect("enable p2");
     assert!(jumps_to(&g, 0, new_addr(&p, "p2", 0)));
 }
 
@@ -501,7 +501,7 @@ fn force_completes_over_unreliable_stacks_and_keeps_the_code_forever() {
     let mut p = patcher();
     let out = apply(&mut p, &g, "p1", &[0], false, true).expect("apply");
     assert!(matches!(&out, Outcome::InTransition { blockers, .. } if blockers[0].unreliable), "{out:?}");
-    let out = p.force_in(&g).expect("force");
+    let out = p.force_on(&g).expect("force");
     assert!(matches!(out, Outcome::Switched { forced: true, .. }), "{out:?}");
     assert!(p.transition.is_none());
     assert!(jumps_to(&g, 0, new_addr(&p, "p1", 0)));
@@ -515,8 +515,8 @@ fn a_forced_reversal_keeps_the_reversed_patch_forever() {
     apply(&mut p, &g, "p1", &[0], false, true).expect("apply");
     // Task 1 is migrated and sits in the new code; force the way back.
     g.set_frames(1, &[new_addr(&p, "p1", 0) + 4]);
-    assert!(matches!(p.reverse_in(&g).unwrap(), Outcome::InTransition { .. }));
-    assert_eq!(p.force_in(&g).unwrap_or_else(|e| panic!("{e}")).clone_forced(), Some(true));
+    assert!(matches!(p.reverse_on(&g).unwrap(), Outcome::InTransition { .. }));
+    assert_eq!(p.force_on(&g).unwrap_or_else(|e| panic!("{e}")).clone_forced(), Some(true));
     let retired = p.take_retired();
     assert_eq!(retired.len(), 1);
     assert!(retired[0].forced, "task 1 may still run its code: never freed");

@@ -139,7 +139,7 @@ impl Patcher {
 
     /// Starts a per-task transition toward `desired`: every changed site
     /// jumps to a dispatch stub (one write plan: all sites or none). No task
-    /// is migrated yet; `advance_in` does that.
+    /// is migrated yet; `advance_on` does that.
     pub(crate) fn start_task_transition(
         &mut self,
         g: &dyn GuestTasks,
@@ -231,11 +231,11 @@ impl Patcher {
     /// One step of the per-task transition (all vCPUs stopped): migrates
     /// every task now safe, and completes the transition when none is left.
     pub fn advance(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
-        self.advance_in(&LiveGuest::new(k, w, u))
+        self.advance_on(&LiveGuest::new(k, w, u))
     }
 
-    /// `advance` on any stopped guest.
-    pub(crate) fn advance_in(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
+    /// `advance` on any view of the stopped guest (a pre-scanned one in the live VM).
+    pub fn advance_on(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
         let Some(tr) = self.transition.as_ref() else {
             return Ok(Outcome::Switched { sites: 0, forced: false });
         };
@@ -351,25 +351,25 @@ impl Patcher {
     /// Sends the running per-task transition back: tasks converge to the
     /// state before it started, by the same rules.
     pub fn reverse(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
-        self.reverse_in(&LiveGuest::new(k, w, u))
+        self.reverse_on(&LiveGuest::new(k, w, u))
     }
 
-    pub(crate) fn reverse_in(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
+    pub fn reverse_on(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
         let tr = self.transition.as_mut().ok_or_else(|| PatchError::State("no transition is running".into()))?;
         tr.state = tr.state.reverse()?;
-        self.advance_in(g)
+        self.advance_on(g)
     }
 
     /// Forces the running per-task transition to complete now (unsafe).
     pub fn force_transition(&mut self, k: &Kernel<'_>, w: &dyn GuestWriter, u: &Unwinder) -> Result<Outcome> {
-        self.force_in(&LiveGuest::new(k, w, u))
+        self.force_on(&LiveGuest::new(k, w, u))
     }
 
-    pub(crate) fn force_in(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
+    pub fn force_on(&mut self, g: &dyn GuestTasks) -> Result<Outcome> {
         if let Some(tr) = self.transition.as_mut() {
             tr.state = tr.state.force();
         }
-        match self.advance_in(g)? {
+        match self.advance_on(g)? {
             Outcome::Switched { sites, .. } => Ok(Outcome::Switched { sites, forced: true }),
             other => Ok(other),
         }

@@ -1,0 +1,66 @@
+//! Guest stopped time per apply against the number of sleeping tasks, with
+//! the stacks pre-scanned while the guest runs (the default) and without
+//! (every stack unwound in the stop). One run; the sleepers are kernel
+//! threads started by hp_target (`/proc/hp_spawn`), cheap to create here
+//! where every fork costs seconds.
+//!
+//! Run: `cargo bench --bench scale` (HP_SCALE_TASKS="0 1000 5000" to choose).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn applies(g: &Guest, prescan: bool) -> (f64, Value) {
+    let mut stops = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..5 {
+        let r = g.api_ok(json!({"verb": "apply", "path": module("livepatch-sample.ko"), "wait": true, "prescan": prescan}));
+        stops.push(r["stopped_us"].as_f64().unwrap());
+        last = r["stacks"].clone();
+        g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
+        g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
+    }
+    (median(stops), last)
+}
+
+fn main() {
+    let counts: Vec<u64> = std::env::var("HP_SCALE_TASKS")
+        .unwrap_or_else(|_| "0 1000 5000".into())
+        .split_whitespace()
+        .map(|s| s.parse().expect("HP_SCALE_TASKS: numbers"))
+        .collect();
+    let snap = ready_snapshot(2);
+    let mut rows = Vec::new();
+    for n in counts {
+        let mut g = Guest::restore(&format!("bench-scale-{n}"), &snap);
+        g.wait_api();
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(500);
+            g.sh_timeout(&format!("echo {chunk} > /proc/hp_spawn"), Duration::from_secs(1800));
+            left -= chunk;
+        }
+        assert_eq!(g.sh("cat /proc/hp_spawn"), n.to_string());
+        let tasks = g.api_ok(json!({"verb": "ps"})).as_array().map(|a| a.len()).unwrap();
+        let (with, st) = applies(&g, true);
+        let (without, _) = applies(&g, false);
+        println!(
+            "{tasks} tasks: stopped per apply {with:.0} us with the pre-scan ({st}), {without:.0} us unwinding every stack in the stop (medians of 5)"
+        );
+        rows.push((tasks, with, without));
+    }
+    if let Some((t0, w0, _)) = rows.first().copied() {
+        for (t, w, wo) in &rows {
+            println!("  {t} tasks vs {t0}: with pre-scan {:.2}x, without {:.2}x of the plain guest's {w0:.0} us", w / w0, wo / w0);
+        }
+    }
+}

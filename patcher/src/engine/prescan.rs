@@ -1,0 +1,206 @@
+//! Stacks read while the guest runs, so a stop re-checks only what may have
+//! changed. The pre-scan unwinds every task that is switched out; the stop
+//! reuses a task's pre-scan stack when the task provably has not run since.
+//!
+//! Why that is sound. The pre-scan reads a task's context-switch counts
+//! (`nvcsw`, `nivcsw`), then its `on_cpu`, then its stack. `on_cpu == 0`
+//! means the task was fully switched out at that read (the kernel clears it
+//! in `finish_task()` only after the switch away is complete), so the
+//! stack it reads next is the task's saved stack. For the task to run
+//! after that read and be switched out again by the stop, `__schedule()`
+//! must switch away from it once more, and it bumps one of the two counts
+//! before every such switch. So in the stop, a task that is on no vCPU,
+//! has `on_cpu == 0`, and has the same counts, pid and `start_time` (a
+//! reused `task_struct` has another) as at the pre-scan has not run since,
+//! and its stack is the one the pre-scan read. Every other task (running,
+//! new, changed, or unreliable at the pre-scan) is unwound in the stop.
+//!
+//! The unwinder used for the pre-scan must be the stop's: the caller
+//! builds it while the guest runs and checks in the stop that the module
+//! list it was built from is unchanged.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+
+use introspect::kernel::Kernel;
+use introspect::stacks::Unwinder;
+use introspect::tasks::{RunMarks, Task};
+
+use crate::addr::{GuestPhys, GuestVirt};
+use crate::engine::guest_view::{GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef};
+use crate::error::Result;
+
+/// One task as the pre-scan saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    pid: i32,
+    marks: RunMarks,
+    frames: TaskFrames,
+}
+
+/// The pre-scan: reliable stacks of the tasks that were switched out.
+#[derive(Clone, Debug, Default)]
+pub struct Prescan {
+    seen: HashMap<u64, Seen>,
+    /// Tasks the pre-scan walked (reused or not).
+    pub walked: usize,
+}
+
+impl Prescan {
+    /// Reads and unwinds every task of `k`, a view of the guest's memory
+    /// while it runs (reads may be torn; each stack is used only if the
+    /// stop shows its task did not run since).
+    pub fn take(k: &Kernel<'_>, u: &Unwinder) -> Result<Prescan> {
+        let tasks = k.tasks_brief()?;
+        let mut seen = HashMap::new();
+        for t in &tasks {
+            let Some(marks) = t.run_marks else { continue };
+            if marks.on_cpu != 0 {
+                continue;
+            }
+            let st = k.unwind_task(u, t);
+            if !st.reliable {
+                continue;
+            }
+            let frames = TaskFrames {
+                reliable: true,
+                reason: None,
+                frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
+            };
+            seen.insert(t.addr, Seen { pid: t.pid, marks, frames });
+        }
+        Ok(Prescan { seen, walked: tasks.len() })
+    }
+
+    /// Stacks the pre-scan holds.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// The pre-scan's stack of `t` (read in the stop), if `t` did not run since.
+    fn reusable(&self, t: &Task) -> Option<&TaskFrames> {
+        let now = t.run_marks?;
+        if t.running_on.is_some() || now.on_cpu != 0 {
+            return None;
+        }
+        let s = self.seen.get(&t.addr)?;
+        (s.pid == t.pid && s.marks == now).then_some(&s.frames)
+    }
+}
+
+/// A stopped guest whose stack reads come from a pre-scan where that is
+/// sound, and from the live unwinder otherwise.
+pub struct PrescannedGuest<'a, 'm> {
+    live: LiveGuest<'a, 'm>,
+    prescan: &'a Prescan,
+    reused: Cell<usize>,
+    unwound: Cell<usize>,
+}
+
+impl<'a, 'm> PrescannedGuest<'a, 'm> {
+    pub fn new(live: LiveGuest<'a, 'm>, prescan: &'a Prescan) -> Self {
+        PrescannedGuest { live, prescan, reused: Cell::new(0), unwound: Cell::new(0) }
+    }
+    /// Stacks taken from the pre-scan, and stacks unwound in the stop.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.reused.get(), self.unwound.get())
+    }
+}
+
+impl GuestMem for PrescannedGuest<'_, '_> {
+    fn read(&self, at: GuestVirt, buf: &mut [u8]) -> Result<()> {
+        self.live.read(at, buf)
+    }
+    fn read_phys(&self, at: GuestPhys, buf: &mut [u8]) -> Result<()> {
+        self.live.read_phys(at, buf)
+    }
+    fn translate(&self, at: GuestVirt) -> Result<GuestPhys> {
+        self.live.translate(at)
+    }
+    fn write_phys(&self, at: GuestPhys, data: &[u8]) -> Result<()> {
+        self.live.write_phys(at, data)
+    }
+}
+
+impl GuestTasks for PrescannedGuest<'_, '_> {
+    fn tasks(&self) -> Result<Vec<TaskRef>> {
+        self.live.tasks()
+    }
+    fn stack(&self, t: &TaskRef) -> TaskFrames {
+        if let Some(frames) = self.live.task(t.addr).and_then(|task| self.prescan.reusable(task)) {
+            self.reused.set(self.reused.get() + 1);
+            return frames.clone();
+        }
+        self.unwound.set(self.unwound.get() + 1);
+        self.live.stack(t)
+    }
+    fn describe(&self, f: StackFrame) -> String {
+        self.live.describe(f)
+    }
+    fn patch_state_offset(&self) -> Result<u64> {
+        self.live.patch_state_offset()
+    }
+    fn current_task_slot(&self) -> Result<u64> {
+        self.live.current_task_slot()
+    }
+    fn guest_klp_in_transition(&self) -> Result<bool> {
+        self.live.guest_klp_in_transition()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(pid: i32, marks: Option<RunMarks>, running_on: Option<usize>) -> Task {
+        Task {
+            addr: 0xffff_8880_0100_0000,
+            pid,
+            tgid: pid,
+            comm: "t".into(),
+            proc_comm: "t".into(),
+            state: 'S',
+            cpu: 0,
+            running_on,
+            stack: 0,
+            thread_sp: 0,
+            run_marks: marks,
+        }
+    }
+
+    fn marks(nvcsw: u64, nivcsw: u64, on_cpu: u32, start_time: u64) -> RunMarks {
+        RunMarks { nvcsw, nivcsw, on_cpu, start_time }
+    }
+
+    fn prescan_of(t: &Task) -> Prescan {
+        let frames = TaskFrames { reliable: true, reason: None, frames: vec![StackFrame { ip: 0xffff_ffff_8100_1000, is_return: true }] };
+        let mut seen = HashMap::new();
+        seen.insert(t.addr, Seen { pid: t.pid, marks: t.run_marks.unwrap(), frames });
+        Prescan { seen, walked: 1 }
+    }
+
+    #[test]
+    fn a_stack_is_reused_only_for_a_task_that_did_not_run_since() {
+        let then = task(5, Some(marks(10, 3, 0, 777)), None);
+        let p = prescan_of(&then);
+        assert!(p.reusable(&then).is_some(), "unchanged: reused");
+        for (why, now) in [
+            ("switched away voluntarily", task(5, Some(marks(11, 3, 0, 777)), None)),
+            ("preempted", task(5, Some(marks(10, 4, 0, 777)), None)),
+            ("on a CPU", task(5, Some(marks(10, 3, 1, 777)), None)),
+            ("running on a vCPU", task(5, Some(marks(10, 3, 0, 777)), Some(0))),
+            ("another task in the same task_struct", task(6, Some(marks(10, 3, 0, 777)), None)),
+            ("another start_time", task(5, Some(marks(10, 3, 0, 778)), None)),
+            ("no marks (BTF lacks them)", task(5, None, None)),
+        ] {
+            assert!(p.reusable(&now).is_none(), "{why}: must be unwound in the stop");
+        }
+        let mut other = then.clone();
+        other.addr += 0x1000;
+        assert!(p.reusable(&other).is_none(), "a task the pre-scan did not see");
+    }
+}
