@@ -228,7 +228,7 @@ struct PendingOp {
     unwinder_modules: Vec<(u64, String, u64, u64)>,
     /// The last stop's stack work: tasks pre-scanned while the guest ran,
     /// their stacks reused in the stop, and stacks unwound in the stop.
-    stack_counts: Option<(usize, usize, usize)>,
+    stack_counts: Option<(usize, usize, usize, bool)>,
     /// Pre-scan stacks while the guest runs before each stop.
     prescan: bool,
     /// Hold after the first pre-scan (until `release`), and that pre-scan.
@@ -1395,12 +1395,12 @@ impl State {
                 if forced {
                     eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
                 }
-                let (prescanned, reused, unwound) = op.stack_counts.unwrap_or((0, 0, 0));
+                let (prescanned, reused, unwound, quiet) = op.stack_counts.unwrap_or((0, 0, 0, false));
                 Some(Ok(json!({
                     "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
-                    "stacks": {"prescanned": prescanned, "reused": reused, "unwound_in_stop": unwound},
+                    "stacks": {"prescanned": prescanned, "reused": reused, "unwound_in_stop": unwound, "no_switch_since_prescan": quiet},
                 })))
             }
             Ok(Outcome::InTransition { remaining, blockers }) => {
@@ -1458,7 +1458,8 @@ impl State {
                 })
             })();
             let (reused, unwound) = g.counts();
-            op.stack_counts = Some((prescan.map(|x| x.walked).unwrap_or(0), reused, unwound));
+            let quiet = prescan.is_some() && g.quiet();
+            op.stack_counts = Some((prescan.map(|x| x.walked).unwrap_or(0), reused, unwound, quiet));
             r
         });
         self.pending = Some(op);

@@ -70,6 +70,12 @@ pub struct TaskFrames {
 pub trait GuestTasks: GuestMem {
     /// Every task (the guest's task list, read now).
     fn tasks(&self) -> Result<Vec<TaskRef>>;
+    /// The tasks a stack check must look at. A view that knows no task
+    /// but these can have run since it last saw the others may leave the
+    /// others out ([`crate::engine::prescan`]); by default, every task.
+    fn tasks_to_check(&self) -> Result<Vec<TaskRef>> {
+        self.tasks()
+    }
     /// `t`'s stack, from its vCPU when it runs, else from its saved state.
     fn stack(&self, t: &TaskRef) -> TaskFrames;
     /// `func+0x12/0x80` for a frame, as the guest's `%pB` would print it.
@@ -115,6 +121,15 @@ impl<'a, 'm> LiveGuest<'a, 'm> {
         }
         self.tasks.get().ok_or_else(|| PatchError::State("task list".into()))
     }
+    /// Unwinds `task` (read in this stop) with `u`.
+    pub fn unwind(&self, u: &Unwinder, task: &introspect::tasks::Task) -> TaskFrames {
+        let st = self.k.unwind_task(u, task);
+        TaskFrames {
+            reliable: st.reliable,
+            reason: st.reason.clone(),
+            frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
+        }
+    }
     fn all_tasks(&self) -> Result<&[introspect::tasks::Task]> {
         Ok(self.read_tasks()?.0.as_slice())
     }
@@ -147,12 +162,7 @@ impl GuestTasks for LiveGuest<'_, '_> {
         let unreliable = |why: &str| TaskFrames { reliable: false, reason: Some(why.into()), frames: Vec::new() };
         let Some(u) = self.u else { return unreliable("no unwinder for this stop") };
         let Some(task) = self.task(t.addr) else { return unreliable("the task left the task list") };
-        let st = self.k.unwind_task(u, task);
-        TaskFrames {
-            reliable: st.reliable,
-            reason: st.reason.clone(),
-            frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
-        }
+        self.unwind(u, task)
     }
     fn describe(&self, f: StackFrame) -> String {
         let mods = self.modules.get_or_init(|| self.k.modules().unwrap_or_default());

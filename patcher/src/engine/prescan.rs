@@ -15,6 +15,24 @@
 //! and its stack is the one the pre-scan read. Every other task (running,
 //! new, changed, or unreliable at the pre-scan) is unwound in the stop.
 //!
+//! A stop can do less still when the guest's scheduler did not switch at
+//! all. The pre-scan reads every CPU's `rq->nr_switches` before its walk
+//! and after it. `__schedule()` bumps it before every switch. If the counts
+//! are the same after the walk and again in the stop, no task was switched
+//! in or out from before the walk until the stop:
+//! - a task that ran meanwhile is still on its CPU, and the stop unwinds
+//!   every vCPU's current task;
+//! - no task exited (the last switch away from a dying task counts too), so
+//!   no `task_struct` the walk followed was freed under it, and it visited
+//!   every task that existed throughout;
+//! - a task forked meanwhile never ran: its stack is its fork frame, in no
+//!   patched function.
+//!
+//! The stop then checks the pre-scan's stacks and the vCPUs' current tasks
+//! and the tasks the walk found on a CPU or could not unwind, without
+//! walking the task list. This is for the stack check only: a per-task
+//! transition writes every task's mark and walks the list.
+//!
 //! The unwinder used for the pre-scan must be the stop's: the caller
 //! builds it while the guest runs and checks in the stop that the module
 //! list it was built from is unchanged.
@@ -25,6 +43,7 @@ use std::collections::HashMap;
 use introspect::kernel::Kernel;
 use introspect::stacks::Unwinder;
 use introspect::tasks::{RunMarks, Task};
+use introspect::translate::KernelMemory;
 
 use crate::addr::{GuestPhys, GuestVirt};
 use crate::engine::guest_view::{GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef};
@@ -34,8 +53,21 @@ use crate::error::Result;
 #[derive(Clone, Debug)]
 struct Seen {
     pid: i32,
+    comm: String,
     marks: RunMarks,
     frames: TaskFrames,
+}
+
+/// Every CPU's `rq->nr_switches` (one per vCPU of `k`).
+fn cpu_switches(k: &Kernel<'_>) -> Result<Vec<u64>> {
+    let off = k.off("rq", "nr_switches")?;
+    (0..k.cpus.len())
+        .map(|cpu| {
+            let rq = k.per_cpu("runqueues", cpu)?;
+            let at = rq.checked_add(off).ok_or(introspect::IntrospectError::Overflow(rq))?;
+            Ok(k.mem.read_u64(at)?)
+        })
+        .collect()
 }
 
 /// The pre-scan: reliable stacks of the tasks that were switched out.
@@ -44,6 +76,10 @@ pub struct Prescan {
     seen: HashMap<u64, Seen>,
     /// Tasks the pre-scan walked (reused or not).
     pub walked: usize,
+    /// Every CPU's switch count before the walk, if it was the same after.
+    quiet_switches: Option<Vec<u64>>,
+    /// Tasks the walk found on a CPU or could not unwind.
+    unsettled: Vec<u64>,
 }
 
 impl Prescan {
@@ -51,15 +87,24 @@ impl Prescan {
     /// while it runs (reads may be torn; each stack is used only if the
     /// stop shows its task did not run since).
     pub fn take(k: &Kernel<'_>, u: &Unwinder) -> Result<Prescan> {
+        let before = cpu_switches(k).ok();
         let tasks = k.tasks_brief()?;
+        let after = cpu_switches(k).ok();
+        let quiet_switches = before.filter(|b| after.as_ref() == Some(b));
         let mut seen = HashMap::new();
+        let mut unsettled = Vec::new();
         for t in &tasks {
-            let Some(marks) = t.run_marks else { continue };
+            let Some(marks) = t.run_marks else {
+                unsettled.push(t.addr);
+                continue;
+            };
             if marks.on_cpu != 0 {
+                unsettled.push(t.addr);
                 continue;
             }
             let st = k.unwind_task(u, t);
             if !st.reliable {
+                unsettled.push(t.addr);
                 continue;
             }
             let frames = TaskFrames {
@@ -67,9 +112,9 @@ impl Prescan {
                 reason: None,
                 frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
             };
-            seen.insert(t.addr, Seen { pid: t.pid, marks, frames });
+            seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks, frames });
         }
-        Ok(Prescan { seen, walked: tasks.len() })
+        Ok(Prescan { seen, walked: tasks.len(), quiet_switches, unsettled })
     }
 
     /// Stacks the pre-scan holds.
@@ -99,15 +144,42 @@ pub struct PrescannedGuest<'a, 'm> {
     prescan: &'a Prescan,
     reused: Cell<usize>,
     unwound: Cell<usize>,
+    /// No switch since before the pre-scan's walk (decided once per stop).
+    quiet: std::cell::OnceCell<bool>,
+    /// Tasks read one by one in a quiet stop (the list is not walked).
+    singles: std::cell::RefCell<HashMap<u64, Task>>,
 }
 
 impl<'a, 'm> PrescannedGuest<'a, 'm> {
     pub fn new(live: LiveGuest<'a, 'm>, prescan: &'a Prescan) -> Self {
-        PrescannedGuest { live, prescan, reused: Cell::new(0), unwound: Cell::new(0) }
+        PrescannedGuest {
+            live,
+            prescan,
+            reused: Cell::new(0),
+            unwound: Cell::new(0),
+            quiet: std::cell::OnceCell::new(),
+            singles: std::cell::RefCell::new(HashMap::new()),
+        }
     }
     /// Stacks taken from the pre-scan, and stacks unwound in the stop.
     pub fn counts(&self) -> (usize, usize) {
         (self.reused.get(), self.unwound.get())
+    }
+    /// Whether no task was switched since before the pre-scan's walk.
+    pub fn quiet(&self) -> bool {
+        *self.quiet.get_or_init(|| match &self.prescan.quiet_switches {
+            Some(then) => cpu_switches(self.live.k).ok().as_ref() == Some(then),
+            None => false,
+        })
+    }
+    /// The task at `addr`, read alone (`running_on`: its vCPU).
+    fn single(&self, addr: u64, running_on: Option<usize>) -> Option<TaskRef> {
+        let l = introspect::tasks::TaskLayout::from_btf(self.live.k).ok()?;
+        let mut t = self.live.k.task_at(&l, addr).ok()?;
+        t.running_on = running_on;
+        let r = TaskRef { pid: t.pid, comm: t.comm.clone(), addr: GuestVirt(addr), running_on };
+        self.singles.borrow_mut().insert(addr, t);
+        Some(r)
     }
 }
 
@@ -130,7 +202,46 @@ impl GuestTasks for PrescannedGuest<'_, '_> {
     fn tasks(&self) -> Result<Vec<TaskRef>> {
         self.live.tasks()
     }
+    fn tasks_to_check(&self) -> Result<Vec<TaskRef>> {
+        if !self.quiet() {
+            return self.live.tasks();
+        }
+        // Every vCPU's current task, then the unsettled ones, then the rest
+        // of the pre-scan's: no other task can be in other code now.
+        let mut out = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for cpu in 0..self.live.k.cpus.len() {
+            let cur = self.live.k.current_task(cpu)?;
+            if cur != 0 && taken.insert(cur) {
+                out.extend(self.single(cur, Some(cpu)));
+            }
+        }
+        for addr in &self.prescan.unsettled {
+            if taken.insert(*addr) {
+                out.extend(self.single(*addr, None));
+            }
+        }
+        for (addr, s) in &self.prescan.seen {
+            if taken.insert(*addr) {
+                out.push(TaskRef { pid: s.pid, comm: s.comm.clone(), addr: GuestVirt(*addr), running_on: None });
+            }
+        }
+        Ok(out)
+    }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
+        if let Some(task) = self.singles.borrow().get(&t.addr.0) {
+            self.unwound.set(self.unwound.get() + 1);
+            return match self.live.u {
+                Some(u) => self.live.unwind(u, task),
+                None => TaskFrames { reliable: false, reason: Some("no unwinder for this stop".into()), frames: Vec::new() },
+            };
+        }
+        if t.running_on.is_none() && self.quiet() {
+            if let Some(s) = self.prescan.seen.get(&t.addr.0) {
+                self.reused.set(self.reused.get() + 1);
+                return s.frames.clone();
+            }
+        }
         if let Some(frames) = self.live.task(t.addr).and_then(|task| self.prescan.reusable(task)) {
             self.reused.set(self.reused.get() + 1);
             return frames.clone();
@@ -179,8 +290,8 @@ mod tests {
     fn prescan_of(t: &Task) -> Prescan {
         let frames = TaskFrames { reliable: true, reason: None, frames: vec![StackFrame { ip: 0xffff_ffff_8100_1000, is_return: true }] };
         let mut seen = HashMap::new();
-        seen.insert(t.addr, Seen { pid: t.pid, marks: t.run_marks.unwrap(), frames });
-        Prescan { seen, walked: 1 }
+        seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks: t.run_marks.unwrap(), frames });
+        Prescan { seen, walked: 1, quiet_switches: None, unsettled: Vec::new() }
     }
 
     #[test]
