@@ -47,6 +47,20 @@ impl PhysMem for LiveMemory<'_> {
     }
 }
 
+/// Reads `op`'s ORC tables (vmlinux, modules, placed patches) and, for an
+/// apply, the ftrace records.
+fn read_tables(op: &mut PendingOp, p: &Patcher, k: &Kernel<'_>) -> Result<()> {
+    let mods = k.modules()?;
+    let mut u = k.unwinder(&mods)?;
+    p.register_orc(&mut u);
+    op.unwinder = Some(u);
+    op.unwinder_modules = module_signature(&mods);
+    if op.verb == "apply" {
+        op.records = Some(k.ftrace_records()?);
+    }
+    Ok(())
+}
+
 /// What identifies the module ORC tables an unwinder holds.
 fn module_signature(mods: &[introspect::modules::Module]) -> Vec<(u64, String, u64, u64)> {
     mods.iter().map(|m| (m.addr, m.name.clone(), m.core_base, m.core_text_size)).collect()
@@ -691,17 +705,7 @@ impl State {
     /// flags and addresses are read again in the stop.
     fn read_tables_running(&mut self, vm: &Vm) -> Result<()> {
         let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
-        let r = self.with_running_kernel(vm, |p, k| {
-            let mods = k.modules()?;
-            let mut u = k.unwinder(&mods)?;
-            p.register_orc(&mut u);
-            op.unwinder = Some(u);
-            op.unwinder_modules = module_signature(&mods);
-            if op.verb == "apply" {
-                op.records = Some(k.ftrace_records()?);
-            }
-            Ok(())
-        });
+        let r = self.with_running_kernel(vm, |p, k| read_tables(&mut op, p, k));
         if r.is_err() {
             op.unwinder = None;
             op.records = None;
@@ -1629,17 +1633,7 @@ impl State {
             }
             let paused = vm.pause()?;
             let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
-            let r = self.with_kernel(&paused, |p, k, _| {
-                let mods = k.modules()?;
-                let mut u = k.unwinder(&mods)?;
-                p.register_orc(&mut u);
-                op.unwinder = Some(u);
-                op.unwinder_modules = module_signature(&mods);
-                if op.verb == "apply" {
-                    op.records = Some(k.ftrace_records()?);
-                }
-                Ok(())
-            });
+            let r = self.with_kernel(&paused, |p, k, _| read_tables(&mut op, p, k));
             self.pending = Some(op);
             r
         })();
