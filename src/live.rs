@@ -96,7 +96,7 @@ impl GuestWriter for LiveWriter<'_> {
 }
 
 /// Verbs of the patcher.
-pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse", "set_param"];
+pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list", "force", "reverse", "release", "set_param"];
 /// Most instructions a vCPU is single-stepped to leave a changed function
 /// within one stop, and how many between checks.
 const MAX_STEP_OUT: u32 = 400;
