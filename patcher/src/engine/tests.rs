@@ -558,3 +558,23 @@ fn a_forced_transition_cannot_be_sent_back() {
     assert_eq!(TransitionState::Reversing.force(), TransitionState::ForcedReversing);
     assert_eq!(TransitionState::Patching.reverse().unwrap(), TransitionState::Reversing);
 }
+
+#[test]
+fn a_transition_whose_module_went_meanwhile_completes_and_frees_its_stub() {
+    let g = FakeGuest::new(2).with_task(2, &[func(0) + 0x20]);
+    let mut p = patcher();
+    let (r, s) = stage(&mut p, "p1", &[0, 1], false, &[]);
+    let used = p.reserved_used();
+    p.apply_resolved(&g, r, s, ApplyOptions { per_task: true, ..Default::default() }).expect("apply");
+    let stub1 = site_target(&g, 1).expect("stub");
+    // func1's module goes (as unpatch_going_module leaves it: the site is
+    // forgotten, its text is about to be freed).
+    p.patches[0].funcs.retain(|f| f.site != func(1));
+    p.sites.remove(&func(1));
+    g.set_frames(2, &[]);
+    let out = p.advance_on(&g).expect("completes");
+    assert!(matches!(out, Outcome::Switched { sites: 1, .. }), "{out:?}");
+    assert!(jumps_to(&g, 0, new_addr(&p, "p1", 0)));
+    assert_eq!(g.peek(stub1, STUB_SIZE as usize), vec![0u8; STUB_SIZE as usize], "its stub is zeroed");
+    assert_eq!(p.reserved_used(), used, "and freed");
+}
