@@ -306,6 +306,9 @@ struct State {
     idle_at_queue: Option<bool>,
     /// Replies to send once the list view is published.
     outbox: Vec<(Sender<Reply>, Reply)>,
+    /// The stops of the running apply before its switch: what each did and
+    /// how long (microseconds) the guest was stopped for it.
+    prep_stops: Vec<(&'static str, f64)>,
 }
 
 /// Shared between the control loop, the worker and snapshot threads.
@@ -459,7 +462,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new() }),
+            state: Mutex::new(State { cache: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -908,10 +911,13 @@ impl State {
     fn load_module(&mut self, vm: &Vm, path: &Path, params: &[String], skip_callbacks: bool) -> Result<String> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let shown = path.display().to_string();
+        self.prep_stops.clear();
         let paused = vm.pause()?;
+        let t = Instant::now();
         let m = self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?;
         let info = self.with_kernel(&paused, |p, k, w| Ok(p.stage(k, w, &m, params)?));
         drop(paused);
+        self.prep_stops.push(("parse, link and place", t.elapsed().as_secs_f64() * 1e6));
         let info = match info {
             Ok(i) => i,
             Err(e) => {
@@ -943,9 +949,11 @@ impl State {
                     }
                 };
                 let paused = vm.pause()?;
+                let t = Instant::now();
                 let c = self.patcher.call_engine().ok_or_else(|| anyhow!("guest-call engine"))?;
                 c.hook_verdict(&LiveWriter(paused.memory()), verdict)?;
                 drop(paused);
+                self.prep_stops.push(("klp_enable_patch verdict", t.elapsed().as_secs_f64() * 1e6));
                 verdict_given = true;
             }
             if Instant::now() >= deadline {
@@ -963,8 +971,10 @@ impl State {
             std::thread::sleep(Duration::from_micros(100));
         };
         let paused = vm.pause()?;
+        let t = Instant::now();
         let read = self.with_kernel(&paused, |p, k, _| Ok(p.init_returned(k, ret)?));
         drop(paused);
+        self.prep_stops.push(("init returned", t.elapsed().as_secs_f64() * 1e6));
         let err = match (read, refusal) {
             (Ok(()), None) => {
                 self.patcher.set_skip_callbacks(skip_callbacks);
@@ -995,11 +1005,13 @@ impl State {
     fn enable_verdict(&mut self, vm: &Vm, m: &PatchModule, skip_callbacks: bool) -> std::result::Result<(), (i32, anyhow::Error)> {
         let einval = |e: anyhow::Error| (-22, e);
         let paused = vm.pause().map_err(|e| einval(e.into()))?;
+        let t = Instant::now();
         let r = self.with_kernel(&paused, |p, k, w| {
             let records = k.ftrace_records()?;
             p.enable_called(k, w, m, &records).map_err(anyhow::Error::from)
         });
         drop(paused);
+        self.prep_stops.push(("read and check the klp_patch", t.elapsed().as_secs_f64() * 1e6));
         if let Err(e) = r {
             let errno = match e.downcast_ref::<PatchError>() {
                 Some(PatchError::MissingSymbol { .. }) | Some(PatchError::NoPatch(_)) => -2,
@@ -1405,6 +1417,11 @@ impl State {
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
                     "stacks": {"prescanned": prescanned, "reused": reused, "unwound_in_stop": unwound, "no_switch_since_prescan": quiet},
+                    "prep_stops_us": if op.verb == "apply" {
+                        self.prep_stops.iter().map(|(what, us)| json!({"stop": what, "us": us})).collect::<Vec<_>>()
+                    } else {
+                        Vec::new()
+                    },
                 })))
             }
             Ok(Outcome::InTransition { remaining, blockers }) => {
