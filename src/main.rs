@@ -86,6 +86,13 @@ enum Cmd {
         /// Seconds to wait for a safe point.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// Apply to this guest's control socket too (repeatable): every
+        /// guest is patched at once, and each one's result is reported.
+        #[arg(long = "guest")]
+        guests: Vec<PathBuf>,
+        /// Apply to every control socket in this directory.
+        #[arg(long)]
+        guests_dir: Option<PathBuf>,
     },
     /// Disable a patch (the patch below it on each func stack takes over).
     Disable {
@@ -200,10 +207,17 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let dir = absolute(&dir)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "snapshot", "dir": dir}), cli.json)
         }
-        Cmd::Apply { module, params, force, skip_callbacks, timeout } => {
+        Cmd::Apply { module, params, force, skip_callbacks, timeout, guests, guests_dir } => {
             let path = absolute(&module)?;
             let req = json!({"verb": "apply", "path": path, "params": params, "force": force, "skip_callbacks": skip_callbacks, "timeout_secs": timeout});
-            patch_verb(cli.api_sock.as_deref(), req, cli.json)
+            let mut socks: Vec<PathBuf> = cli.api_sock.iter().cloned().chain(guests).collect();
+            if let Some(dir) = guests_dir {
+                socks.extend(control_sockets(&dir)?);
+            }
+            if socks.len() <= 1 {
+                return patch_verb(socks.first().map(PathBuf::as_path), req, cli.json);
+            }
+            apply_to_many(&socks, &req, cli.json)
         }
         Cmd::Disable { name, force, timeout } => patch_verb(
             cli.api_sock.as_deref(),
@@ -419,10 +433,67 @@ fn client_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
-    let verb = req["verb"].as_str().unwrap_or("").to_string();
+/// Every Unix socket in `dir` (sorted), for `apply --guests-dir`.
+fn control_sockets(dir: &Path) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if e.file_type()?.is_socket() {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        bail!("{} holds no control socket", dir.display());
+    }
+    Ok(out)
+}
+
+/// `apply` to several guests at once: one thread per guest, each followed to
+/// its end; a guest's failure is reported with its socket and does not stop
+/// the others. Fails (exit 1) if any guest failed.
+fn apply_to_many(socks: &[PathBuf], req: &Value, as_json: bool) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let results: Vec<(PathBuf, Result<Value>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = socks.iter().map(|sock| (sock.clone(), s.spawn(move || follow(Some(sock), req.clone(), false)))).collect();
+        handles
+            .into_iter()
+            .map(|(sock, h)| (sock, h.join().unwrap_or_else(|_| Err(anyhow!("the thread for this guest panicked")))))
+            .collect()
+    });
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if as_json {
+        let guests: Vec<Value> = results
+            .iter()
+            .map(|(sock, r)| match r {
+                Ok(v) => json!({"guest": sock, "ok": true, "result": v}),
+                Err(e) => json!({"guest": sock, "ok": false, "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", json!({"guests": guests, "failed": failed, "elapsed_secs": started.elapsed().as_secs_f64()}));
+    } else {
+        for (sock, r) in &results {
+            match r {
+                Ok(v) => println!(
+                    "{}: {} {} (stopped {:.0} us)",
+                    sock.display(),
+                    v["patch"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?"),
+                    v["stopped_us"].as_f64().unwrap_or(0.0)
+                ),
+                Err(e) => println!("{}: FAILED: {e:#}", sock.display()),
+            }
+        }
+        println!("{} of {} guests patched in {:.2} s", results.len() - failed, results.len(), started.elapsed().as_secs_f64());
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Sends a patch verb and follows a transition that goes on in the VMM to
+/// its end (progress on stderr when `progress`); the final result.
+fn follow(api_sock: Option<&Path>, req: Value, progress: bool) -> Result<Value> {
     let mut r = call(api_sock, req)?;
-    // A transition waiting for a safe point goes on in the VMM: follow it.
     let mut shown = String::new();
     while matches!(r.get("state").and_then(Value::as_str), Some("waiting for a safe point") | Some("per-task transition")) {
         let blockers: Vec<String> = r["blockers"]
@@ -438,7 +509,7 @@ fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exit
             r["tasks_remaining"].as_u64().map(|n| format!(", {n} tasks left")).unwrap_or_default(),
             blockers.join("; ")
         );
-        if line != shown && !as_json {
+        if line != shown && progress {
             eprintln!("{line}");
             shown = line;
         }
@@ -455,6 +526,12 @@ fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<Exit
             bail!("{}", last["error"].as_str().unwrap_or("the transition failed"));
         }
     }
+    Ok(r)
+}
+
+fn patch_verb(api_sock: Option<&Path>, req: Value, as_json: bool) -> Result<ExitCode> {
+    let verb = req["verb"].as_str().unwrap_or("").to_string();
+    let r = follow(api_sock, req, !as_json)?;
     if as_json {
         println!("{r}");
         return Ok(ExitCode::SUCCESS);
