@@ -7,6 +7,10 @@
 //! The guest boots with 1.5 GiB: a 512 MiB guest's `threads-max` (memory
 //! over 8 thread stacks) stops near 4,000 threads.
 //!
+//! Also: livepatch-sample applied to 8 guests restored from one snapshot at
+//! once (`hyperpatch apply --guest ...`), total wall time and each guest's
+//! stopped time, against one guest.
+//!
 //! Run: `cargo bench --bench scale` (HP_SCALE_TASKS="0 1000 5000" to choose
 //! the sleeper counts, reached one after the other in one guest).
 
@@ -36,7 +40,33 @@ fn applies(g: &Guest, prescan: bool) -> (f64, Value) {
     (median(stops), last)
 }
 
+/// `hyperpatch apply` of livepatch-sample to `n` fresh guests at once:
+/// (wall seconds, each guest's stopped us).
+fn apply_to_guests(n: usize) -> (f64, Vec<f64>) {
+    let snap = ready_snapshot(1);
+    let guests: Vec<Guest> = (0..n).map(|i| Guest::restore(&format!("bench-many-{n}-{i}"), &snap)).collect();
+    for g in &guests {
+        g.wait_api();
+    }
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--json").arg("apply").arg(module("livepatch-sample.ko"));
+    for g in &guests {
+        cmd.arg("--guest").arg(&g.api_sock);
+    }
+    let t = std::time::Instant::now();
+    let out = cmd.output().expect("hyperpatch apply");
+    let wall = t.elapsed().as_secs_f64();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["failed"], json!(0), "{v}");
+    let stops = v["guests"].as_array().unwrap().iter().map(|r| r["result"]["stopped_us"].as_f64().unwrap()).collect();
+    (wall, stops)
+}
+
 fn main() {
+    if std::env::var("HP_SCALE_ONLY_GUESTS").is_ok() {
+        many_guests();
+        return;
+    }
     let counts: Vec<u64> = std::env::var("HP_SCALE_TASKS")
         .unwrap_or_else(|_| "0 1000 5000".into())
         .split_whitespace()
@@ -64,9 +94,21 @@ fn main() {
         );
         rows.push((tasks, with, without));
     }
+    drop(g);
+    many_guests();
     if let Some((t0, w0, _)) = rows.first().copied() {
         for (t, w, wo) in &rows {
             println!("  {t} tasks vs {t0}: with pre-scan {:.2}x, without {:.2}x of the plain guest's {w0:.0} us", w / w0, wo / w0);
         }
     }
+}
+
+fn many_guests() {
+    let (one_wall, one) = apply_to_guests(1);
+    let (wall, stops) = apply_to_guests(8);
+    println!(
+        "8 guests at once: {wall:.2} s wall, stopped {:?} us each; one guest: {one_wall:.2} s wall, stopped {:.0} us",
+        stops.iter().map(|s| s.round()).collect::<Vec<_>>(),
+        one[0]
+    );
 }

@@ -210,12 +210,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Cmd::Apply { module, params, force, skip_callbacks, timeout, guests, guests_dir } => {
             let path = absolute(&module)?;
             let req = json!({"verb": "apply", "path": path, "params": params, "force": force, "skip_callbacks": skip_callbacks, "timeout_secs": timeout});
+            if guests.is_empty() && guests_dir.is_none() {
+                return patch_verb(cli.api_sock.as_deref(), req, cli.json);
+            }
             let mut socks: Vec<PathBuf> = cli.api_sock.iter().cloned().chain(guests).collect();
             if let Some(dir) = guests_dir {
                 socks.extend(control_sockets(&dir)?);
-            }
-            if socks.len() <= 1 {
-                return patch_verb(socks.first().map(PathBuf::as_path), req, cli.json);
             }
             apply_to_many(&socks, &req, cli.json)
         }
