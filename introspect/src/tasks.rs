@@ -177,37 +177,63 @@ impl Kernel<'_> {
     /// reads per task; `proc_comm` is `comm` without it).
     fn task_at_named(&self, l: &TaskLayout, addr: u64, names: bool) -> Result<Task> {
         let at = |o: u64| addr.checked_add(o).ok_or(IntrospectError::Overflow(addr));
-        // First: every read after `on_cpu` == 0 sees the task switched out.
+        // First the counts, then `on_cpu`: every read after `on_cpu` == 0
+        // sees the task switched out (see `RunMarks`).
         let run_marks = match l.run_marks {
+            Some([nv, niv, on, start]) if niv == nv.wrapping_add(8) && start == nv.wrapping_add(16) => {
+                // Adjacent in task_struct (as in 6.1): one read.
+                let b = self.mem.read_bytes(at(nv)?, 24)?;
+                let word = |i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+                Some(RunMarks { nvcsw: word(0), nivcsw: word(8), start_time: word(16), on_cpu: self.mem.read_u32(at(on)?)? })
+            }
             Some([nv, niv, on, start]) => Some(RunMarks {
                 nvcsw: self.mem.read_u64(at(nv)?)?,
                 nivcsw: self.mem.read_u64(at(niv)?)?,
-                on_cpu: self.mem.read_u32(at(on)?)?,
                 start_time: self.mem.read_u64(at(start)?)?,
+                on_cpu: self.mem.read_u32(at(on)?)?,
             }),
             None => None,
         };
         let comm_raw = self.mem.read_bytes(at(l.comm)?, TASK_COMM_LEN)?;
         let end = comm_raw.iter().position(|b| *b == 0).unwrap_or(comm_raw.len());
         let comm = String::from_utf8_lossy(comm_raw.get(..end).unwrap_or(&[])).into_owned();
+        let pid = self.mem.read_i32(at(l.pid)?)?;
+        let stack = self.mem.read_u64(at(l.stack)?)?;
+        let thread_sp = self.mem.read_u64(at(l.thread_sp)?)?;
+        if !names {
+            // What a stop needs: no state, CPU, tgid or /proc name.
+            return Ok(Task {
+                addr,
+                pid,
+                tgid: 0,
+                proc_comm: comm.clone(),
+                comm,
+                state: '?',
+                cpu: 0,
+                running_on: None,
+                stack,
+                thread_sp,
+                run_marks,
+            });
+        }
         let state = self.mem.read_u32(at(l.state)?)?;
         let exit_state = self.mem.read_u32(at(l.exit_state)?)?;
         let flags = self.mem.read_u32(at(l.flags)?)?;
         let proc_comm = match l.kthread_names {
-            Some(n) if names && flags & (PF_KTHREAD | PF_WQ_WORKER) != 0 => self.proc_task_name(&n, addr, flags, &comm),
+            Some(n) if flags & (PF_KTHREAD | PF_WQ_WORKER) != 0 => self.proc_task_name(&n, addr, flags, &comm),
             _ => comm.clone(),
         };
         Ok(Task {
             addr,
-            pid: self.mem.read_i32(at(l.pid)?)?,
+            pid,
             tgid: self.mem.read_i32(at(l.tgid)?)?,
             comm,
             proc_comm,
             state: state_letter(state, exit_state),
             cpu: self.mem.read_u32(at(l.cpu)?)?,
             running_on: None,
-            stack: self.mem.read_u64(at(l.stack)?)?,
-            thread_sp: self.mem.read_u64(at(l.thread_sp)?)?,
+            stack,
+            thread_sp,
             run_marks,
         })
     }
@@ -261,8 +287,9 @@ impl Kernel<'_> {
         self.walk_tasks(true)
     }
 
-    /// [`Kernel::tasks`] without /proc's names of kernel threads: what a
-    /// stop needs, with fewer reads per task.
+    /// [`Kernel::tasks`] with only what a stop needs (address, pid, comm,
+    /// stack, saved stack pointer, run marks, vCPU): `tgid` and `cpu` are 0,
+    /// `state` is '?', and `proc_comm` is `comm`.
     pub fn tasks_brief(&self) -> Result<Vec<Task>> {
         self.walk_tasks(false)
     }
