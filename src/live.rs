@@ -702,6 +702,26 @@ impl State {
         r
     }
 
+    /// kallsyms and BTF (vmlinux's, which never change), read while the
+    /// guest runs after a stop only long enough to take the vCPUs'
+    /// registers, so no later stop parses them. On failure the next stop
+    /// reads them as before.
+    fn read_kernel_tables(&mut self, vm: &Vm) {
+        if self.cache.is_some() {
+            return;
+        }
+        let cpus = match vm.pause().map_err(anyhow::Error::from).and_then(|p| cpu_states(&p)) {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let mem = LiveMemory(vm.memory());
+        if let Ok(k) = Kernel::open(&mem, cpus.clone()) {
+            let Kernel { syms, btf, .. } = k;
+            self.cache = Some((syms, btf));
+            self.last_cpus = Some(cpus);
+        }
+    }
+
     /// The pending operation's ORC tables and ftrace records, read while
     /// the guest runs: the vmlinux tables and records do not change, module
     /// tables are checked against the module list in every stop, and record
@@ -912,6 +932,7 @@ impl State {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let shown = path.display().to_string();
         self.prep_stops.clear();
+        self.read_kernel_tables(vm);
         let paused = vm.pause()?;
         let t = Instant::now();
         let m = self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?;
