@@ -1025,10 +1025,16 @@ impl State {
     /// run. An error comes with the errno the hook returns.
     fn enable_verdict(&mut self, vm: &Vm, m: &PatchModule, skip_callbacks: bool) -> std::result::Result<(), (i32, anyhow::Error)> {
         let einval = |e: anyhow::Error| (-22, e);
+        // The ftrace records are read while the guest runs: the stop checks
+        // each one it uses again (its ip and flags).
+        let running = self.with_running_kernel(vm, |_, k| Ok(k.ftrace_records()?)).ok();
         let paused = vm.pause().map_err(|e| einval(e.into()))?;
         let t = Instant::now();
         let r = self.with_kernel(&paused, |p, k, w| {
-            let records = k.ftrace_records()?;
+            let records = match running {
+                Some(r) => r,
+                None => k.ftrace_records()?,
+            };
             p.enable_called(k, w, m, &records).map_err(anyhow::Error::from)
         });
         drop(paused);
