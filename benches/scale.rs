@@ -4,8 +4,9 @@
 //! threads started by hp_target (`/proc/hp_spawn`), cheap to create here
 //! where every fork costs seconds.
 //!
-//! The guest boots with 1.5 GiB: a 512 MiB guest's `threads-max` (memory
-//! over 8 thread stacks) stops near 4,000 threads.
+//! The guest boots with 1.5 GiB (a 512 MiB guest's `threads-max`, memory
+//! over 8 thread stacks, stops near 4,000 threads) and raises pid_max
+//! (4096 under tinyconfig's BASE_SMALL).
 //!
 //! Also: livepatch-sample applied to 8 guests restored from one snapshot at
 //! once (`hyperpatch apply --guest ...`), total wall time and each guest's
@@ -75,6 +76,8 @@ fn main() {
     let mut g = Guest::boot_test_image("bench-scale", 2, &["--mem", "1536"]);
     g.wait_for(READY, BOOT_TIMEOUT);
     g.wait_api();
+    // tinyconfig's BASE_SMALL makes pid_max 4096: raise it (its limit is 32768).
+    g.sh("echo 32768 > /proc/sys/kernel/pid_max");
     let mut rows = Vec::new();
     let mut spawned = 0;
     for n in counts {
