@@ -173,13 +173,38 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
         })
     }
     /// The task at `addr`, read alone (`running_on`: its vCPU).
-    fn single(&self, addr: u64, running_on: Option<usize>) -> Option<TaskRef> {
-        let l = introspect::tasks::TaskLayout::from_btf(self.live.k).ok()?;
-        let mut t = self.live.k.task_at(&l, addr).ok()?;
+    fn single(&self, l: &introspect::tasks::TaskLayout, addr: u64, running_on: Option<usize>) -> Result<TaskRef> {
+        let mut t = self.live.k.task_at(l, addr)?;
         t.running_on = running_on;
         let r = TaskRef { pid: t.pid, comm: t.comm.clone(), addr: GuestVirt(addr), running_on };
         self.singles.borrow_mut().insert(addr, t);
-        Some(r)
+        Ok(r)
+    }
+
+    /// The quiet stop's tasks: every vCPU's current task, then the unsettled
+    /// ones, then the rest of the pre-scan's. No other task can be in other
+    /// code now.
+    fn quiet_tasks(&self) -> Result<Vec<TaskRef>> {
+        let l = introspect::tasks::TaskLayout::from_btf(self.live.k)?;
+        let mut out = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for cpu in 0..self.live.k.cpus.len() {
+            let cur = self.live.k.current_task(cpu)?;
+            if cur != 0 && taken.insert(cur) {
+                out.push(self.single(&l, cur, Some(cpu))?);
+            }
+        }
+        for addr in &self.prescan.unsettled {
+            if taken.insert(*addr) {
+                out.push(self.single(&l, *addr, None)?);
+            }
+        }
+        for (addr, s) in &self.prescan.seen {
+            if taken.insert(*addr) {
+                out.push(TaskRef { pid: s.pid, comm: s.comm.clone(), addr: GuestVirt(*addr), running_on: None });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -203,30 +228,15 @@ impl GuestTasks for PrescannedGuest<'_, '_> {
         self.live.tasks()
     }
     fn tasks_to_check(&self) -> Result<Vec<TaskRef>> {
-        if !self.quiet() {
-            return self.live.tasks();
-        }
-        // Every vCPU's current task, then the unsettled ones, then the rest
-        // of the pre-scan's: no other task can be in other code now.
-        let mut out = Vec::new();
-        let mut taken = std::collections::HashSet::new();
-        for cpu in 0..self.live.k.cpus.len() {
-            let cur = self.live.k.current_task(cpu)?;
-            if cur != 0 && taken.insert(cur) {
-                out.extend(self.single(cur, Some(cpu)));
+        if self.quiet() {
+            // A task that cannot be read alone is not left out: the stop
+            // walks the task list instead (the pre-scanned stacks stay
+            // reusable, since no task switched).
+            if let Ok(t) = self.quiet_tasks() {
+                return Ok(t);
             }
         }
-        for addr in &self.prescan.unsettled {
-            if taken.insert(*addr) {
-                out.extend(self.single(*addr, None));
-            }
-        }
-        for (addr, s) in &self.prescan.seen {
-            if taken.insert(*addr) {
-                out.push(TaskRef { pid: s.pid, comm: s.comm.clone(), addr: GuestVirt(*addr), running_on: None });
-            }
-        }
-        Ok(out)
+        self.live.tasks()
     }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         if let Some(task) = self.singles.borrow().get(&t.addr.0) {
