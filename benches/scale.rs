@@ -41,6 +41,53 @@ fn applies(g: &Guest, prescan: bool) -> (f64, Value) {
     (median(stops), last)
 }
 
+/// A per-task transition (hp_patch_sleep) while 10 more kernel threads
+/// sleep in hp_block_wait, which it changes: the first check's stop, the
+/// median stop of the checks while the ten stay there, and the seconds from
+/// their leaving to the transition's end.
+fn transition(g: &mut Guest) -> (f64, f64, Value, f64) {
+    g.sh("echo 'block 10' > /proc/hp_racer");
+    std::thread::sleep(Duration::from_secs(2));
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "per_task": true}));
+    assert_eq!(r["state"], json!("per-task transition"), "{r}");
+    let mut first = None;
+    let mut checks = Vec::new();
+    let mut last_attempt = 0;
+    let mut stacks = Value::Null;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let l = g.api_ok(json!({"verb": "list"}));
+        let p = &l["pending"];
+        let attempt = p["attempts"].as_u64().unwrap_or(0);
+        if attempt != last_attempt {
+            if let Some(us) = p["last_stop"]["stopped_us"].as_f64() {
+                if attempt == 1 {
+                    first = Some(us);
+                } else {
+                    checks.push(us);
+                    stacks = p["last_stop"]["stacks"].clone();
+                }
+            }
+            last_attempt = attempt;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = std::time::Instant::now();
+    g.sh("echo unblock > /proc/hp_racer");
+    loop {
+        let l = g.api_ok(json!({"verb": "list"}));
+        if l["pending"].is_null() {
+            assert_eq!(l["last"]["ok"], json!(true), "{l}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = t.elapsed().as_secs_f64();
+    g.api_ok(json!({"verb": "disable", "name": "hp_patch_sleep", "wait": true}));
+    g.api_ok(json!({"verb": "remove", "name": "hp_patch_sleep"}));
+    (first.unwrap_or(f64::NAN), if checks.is_empty() { f64::NAN } else { median(checks) }, stacks, done)
+}
+
 /// `hyperpatch apply` of livepatch-sample to `n` fresh guests at once:
 /// (wall seconds, each guest's stopped us).
 fn apply_to_guests(n: usize) -> (f64, Vec<f64>) {
@@ -94,6 +141,10 @@ fn main() {
         let (without, _) = applies(&g, false);
         println!(
             "{tasks} tasks: stopped per apply {with:.0} us with the pre-scan ({st}), {without:.0} us unwinding every stack in the stop (medians of 5)"
+        );
+        let (first, check, cst, done) = transition(&mut g);
+        println!(
+            "{tasks} tasks + 10 blocked: per-task transition, first check stopped {first:.0} us, later checks {check:.0} us (median; last {cst}), done {done:.2} s after they left"
         );
         rows.push((tasks, with, without));
     }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use anyhow::{anyhow, bail, Context, Result};
 use introspect::btf::Btf;
 use introspect::kallsyms::Kallsyms;
+use introspect::orc::OrcTables;
 use introspect::kernel::Kernel;
 use introspect::{CpuState, IntrospectError, PhysMem};
 use serde::{Deserialize, Serialize};
@@ -49,9 +50,9 @@ impl PhysMem for LiveMemory<'_> {
 
 /// Reads `op`'s ORC tables (vmlinux, modules, placed patches) and, for an
 /// apply, the ftrace records.
-fn read_tables(op: &mut PendingOp, p: &Patcher, k: &Kernel<'_>) -> Result<()> {
+fn read_tables(op: &mut PendingOp, p: &Patcher, k: &Kernel<'_>, vmlinux_orc: &mut Option<OrcTables>) -> Result<()> {
     let mods = k.modules()?;
-    let mut u = k.unwinder(&mods)?;
+    let mut u = unwinder_for(k, vmlinux_orc, &mods)?;
     p.register_orc(&mut u);
     op.unwinder = Some(u);
     op.unwinder_modules = module_signature(&mods);
@@ -59,6 +60,16 @@ fn read_tables(op: &mut PendingOp, p: &Patcher, k: &Kernel<'_>) -> Result<()> {
         op.records = Some(k.ftrace_records()?);
     }
     Ok(())
+}
+
+/// An unwinder over vmlinux's ORC tables, read once (they never change
+/// while the kernel runs) and kept in `vmlinux_orc`, and those of `mods`,
+/// read now.
+fn unwinder_for(k: &Kernel<'_>, vmlinux_orc: &mut Option<OrcTables>, mods: &[introspect::modules::Module]) -> Result<introspect::stacks::Unwinder> {
+    if vmlinux_orc.is_none() {
+        *vmlinux_orc = Some(k.vmlinux_orc()?);
+    }
+    Ok(k.unwinder_with(vmlinux_orc.as_ref(), mods)?)
 }
 
 /// What identifies the module ORC tables an unwinder holds.
@@ -100,6 +111,8 @@ pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list
 /// Most instructions a vCPU is single-stepped to leave a changed function
 /// within one stop, and how many between checks.
 const MAX_STEP_OUT: u32 = 400;
+/// Stops an attempt gives up when a task switched since its pre-scan.
+const QUIET_RETRIES: u32 = 3;
 const STEP_BATCH: u32 = 20;
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
@@ -224,6 +237,28 @@ enum Job {
     Patch(PatchRequest, Sender<Reply>),
 }
 
+/// The stack work of an operation's last stop.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct StackCounts {
+    /// Tasks the pre-scan walked while the guest ran.
+    prescanned: usize,
+    /// Of those, stacks taken from the pre-scan before (not unwound again).
+    carried_from_last_prescan: usize,
+    /// Tasks read in the stop (the task list, or only those that may have
+    /// run since the pre-scan).
+    tasks_read_in_stop: usize,
+    /// Stacks looked at in the stop: taken from the pre-scan, or unwound.
+    reused: usize,
+    unwound_in_stop: usize,
+    /// No task switched since before the pre-scan's walk: the stop looked
+    /// only at the vCPUs' tasks, the tasks that were on a CPU, and those
+    /// with a frame in the checked code.
+    no_switch_since_prescan: bool,
+    /// Stops given up at once because a task had switched since the
+    /// pre-scan (the guest ran on and was pre-scanned again).
+    stops_retried: u32,
+}
+
 /// A patch operation waiting for a safe point.
 struct PendingOp {
     verb: String,
@@ -240,9 +275,13 @@ struct PendingOp {
     /// The modules `unwinder` has the ORC of (address, name, text): a stop
     /// that finds another list builds it again.
     unwinder_modules: Vec<(u64, String, u64, u64)>,
-    /// The last stop's stack work: tasks pre-scanned while the guest ran,
-    /// their stacks reused in the stop, and stacks unwound in the stop.
-    stack_counts: Option<(usize, usize, usize, bool)>,
+    /// The last stop's stack work.
+    stack_counts: Option<StackCounts>,
+    /// The last pre-scan: the next one takes the stacks of tasks that did
+    /// not run since from it instead of unwinding them again.
+    last_prescan: Option<Prescan>,
+    /// How long the last attempt stopped the guest (microseconds).
+    last_stop_us: Option<f64>,
     /// Pre-scan stacks while the guest runs before each stop.
     prescan: bool,
     /// Hold after the first pre-scan (until `release`), and that pre-scan.
@@ -293,6 +332,8 @@ struct SavedState {
 /// What the worker owns: the patcher and the operation in flight.
 struct State {
     cache: Option<(Kallsyms, Btf)>,
+    /// vmlinux's ORC tables, read once while the guest runs.
+    vmlinux_orc: Option<OrcTables>,
     /// Every vCPU's registers at the last stop: a view of the running
     /// guest's memory walks its page tables from there (the kernel half
     /// of every page table is the same).
@@ -342,6 +383,8 @@ struct PendingView {
     blockers: Value,
     held: bool,
     held_after_prescan: bool,
+    /// The last stop: how long the guest was stopped, and its stack work.
+    last_stop: Option<(f64, StackCounts)>,
 }
 
 impl PendingView {
@@ -355,6 +398,7 @@ impl PendingView {
             blockers: serde_json::to_value(&op.blockers).unwrap_or(Value::Null),
             held: vm.client_holds(),
             held_after_prescan: op.held_prescan.is_some(),
+            last_stop: op.last_stop_us.zip(op.stack_counts),
         }
     }
 
@@ -373,6 +417,9 @@ impl PendingView {
         });
         if let Some(n) = self.remaining {
             v["tasks_remaining"] = json!(n);
+        }
+        if let Some((us, stacks)) = &self.last_stop {
+            v["last_stop"] = json!({"stopped_us": us, "stacks": stacks});
         }
         if self.held {
             v["held_by_client"] = json!(true);
@@ -446,6 +493,8 @@ impl GuestApi {
                 records: None,
                 unwinder_modules: Vec::new(),
                 stack_counts: None,
+                last_prescan: None,
+                last_stop_us: None,
                 prescan: true,
                 hold_after_prescan: false,
                 held_prescan: None,
@@ -462,7 +511,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
+            state: Mutex::new(State { cache: None, vmlinux_orc: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -728,7 +777,9 @@ impl State {
     /// flags and addresses are read again in the stop.
     fn read_tables_running(&mut self, vm: &Vm) -> Result<()> {
         let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
-        let r = self.with_running_kernel(vm, |p, k| read_tables(&mut op, p, k));
+        let mut base = self.vmlinux_orc.take();
+        let r = self.with_running_kernel(vm, |p, k| read_tables(&mut op, p, k, &mut base));
+        self.vmlinux_orc = base;
         if r.is_err() {
             op.unwinder = None;
             op.records = None;
@@ -742,9 +793,15 @@ impl State {
         if !self.pending.as_ref()?.prescan {
             return None;
         }
-        let op = self.pending.take()?;
+        let mut op = self.pending.take()?;
+        let prev = op.last_prescan.take();
         let r = match op.unwinder.as_ref() {
-            Some(u) => self.with_running_kernel(vm, |_, k| Ok(Prescan::take(k, u)?)).ok(),
+            Some(u) => self
+                .with_running_kernel(vm, |_, k| {
+                    let ps_off = k.off("task_struct", "patch_state").ok();
+                    Ok(Prescan::take(k, u, prev.as_ref(), ps_off)?)
+                })
+                .ok(),
             None => None,
         };
         self.pending = Some(op);
@@ -933,12 +990,19 @@ impl State {
         let shown = path.display().to_string();
         self.prep_stops.clear();
         self.read_kernel_tables(vm);
+        // The .ko is parsed against vmlinux's BTF (read once) while the guest runs.
+        let m = match self.cache.as_ref() {
+            Some((_, btf)) => PatchModule::parse(&shown, &bytes, btf)?,
+            None => {
+                let paused = vm.pause()?;
+                self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?
+            }
+        };
         let paused = vm.pause()?;
         let t = Instant::now();
-        let m = self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?;
         let info = self.with_kernel(&paused, |p, k, w| Ok(p.stage(k, w, &m, params)?));
         drop(paused);
-        self.prep_stops.push(("parse, link and place", t.elapsed().as_secs_f64() * 1e6));
+        self.prep_stops.push(("link and place", t.elapsed().as_secs_f64() * 1e6));
         let info = match info {
             Ok(i) => i,
             Err(e) => {
@@ -1368,13 +1432,19 @@ impl State {
         if !self.armed.is_empty() {
             return Ok(());
         }
+        let mut base = self.vmlinux_orc.take();
+        if base.is_none() {
+            base = self.with_running_kernel(vm, |_, k| Ok(k.vmlinux_orc()?)).ok();
+        }
         let paused = vm.pause()?;
-        self.with_kernel(&paused, |p, k, w| {
-            let mut u = k.unwinder(&k.modules()?)?;
+        let r = self.with_kernel(&paused, |p, k, w| {
+            let mut u = unwinder_for(k, &mut base, &k.modules()?)?;
             p.register_orc(&mut u);
             p.release_calls_if_idle(k, w, &u)?;
             Ok(())
-        })
+        });
+        self.vmlinux_orc = base;
+        r
     }
 
     /// One safe-point attempt of the pending operation, all vCPUs stopped.
@@ -1385,7 +1455,8 @@ impl State {
         // Stacks are read while the guest runs; the stop re-checks only the
         // tasks that may have run since (see patcher::engine::prescan).
         let held = self.pending.as_mut().and_then(|op| op.held_prescan.take());
-        let prescan = match held {
+        let is_held = held.is_some();
+        let mut prescan = match held {
             Some(p) => Some(p),
             None => self.prescan(vm),
         };
@@ -1398,12 +1469,34 @@ impl State {
                 return None;
             }
         }
-        let paused = match vm.pause() {
-            Ok(p) => p,
-            Err(e) => return Some(Err(e.to_string())),
+        // A stop that finds a task switched since the pre-scan gives up at
+        // once (a few times): the guest runs on, is pre-scanned again (the
+        // stacks of tasks that did not run are carried over), and stops
+        // again, so the stop itself need not read every task. A held
+        // pre-scan is used as it is (the tests' races depend on it).
+        let mut stopped_for = Duration::ZERO;
+        let mut retried = 0u32;
+        let (paused, stopped, mut outcome) = loop {
+            let paused = match vm.pause() {
+                Ok(p) => p,
+                Err(e) => return Some(Err(e.to_string())),
+            };
+            let stopped = Instant::now();
+            let retry = !is_held && retried < QUIET_RETRIES && prescan.is_some();
+            match self.try_once(&paused, prescan.as_ref(), retry) {
+                Ok(None) => {
+                    stopped_for += stopped.elapsed();
+                    drop(paused);
+                    retried += 1;
+                    if let Some(op) = self.pending.as_mut() {
+                        op.last_prescan = prescan.take();
+                    }
+                    prescan = self.prescan(vm);
+                }
+                Ok(Some(o)) => break (paused, stopped, Ok(o)),
+                Err(e) => break (paused, stopped, Err(e)),
+            }
         };
-        let stopped = Instant::now();
-        let mut outcome = self.try_once(&paused, prescan.as_ref());
         let mut steps = 0u32;
         while let Ok(Outcome::Blocked(b)) = &outcome {
             let running: Vec<usize> = b.iter().filter(|x| !x.unreliable).filter_map(|x| x.running_on).collect();
@@ -1426,11 +1519,16 @@ impl State {
             if failed {
                 break;
             }
-            outcome = self.try_once(&paused, prescan.as_ref());
+            outcome = self.try_once(&paused, prescan.as_ref(), false).map(|o| o.unwrap_or(Outcome::Blocked(Vec::new())));
         }
-        let stopped_for = stopped.elapsed();
+        let stopped_for = stopped_for + stopped.elapsed();
         drop(paused);
         let op = self.pending.as_mut()?;
+        if let Some(c) = op.stack_counts.as_mut() {
+            c.stops_retried = retried;
+        }
+        op.last_stop_us = Some(stopped_for.as_secs_f64() * 1e6);
+        op.last_prescan = prescan;
         match outcome {
             Err(e) => Some(Err(format!("{e:#}"))),
             Ok(Outcome::Switched { sites, forced }) => {
@@ -1438,12 +1536,11 @@ impl State {
                 if forced {
                     eprintln!("hyperpatch: {} {}: FORCED switch while functions were on stacks (unsafe)", op.verb, op.target);
                 }
-                let (prescanned, reused, unwound, quiet) = op.stack_counts.unwrap_or((0, 0, 0, false));
                 Some(Ok(json!({
                     "patch": op.target, "verb": op.verb, "state": "done", "sites": sites, "forced": forced,
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
-                    "stacks": {"prescanned": prescanned, "reused": reused, "unwound_in_stop": unwound, "no_switch_since_prescan": quiet},
+                    "stacks": op.stack_counts.unwrap_or_default(),
                     "prep_stops_us": if op.verb == "apply" {
                         self.prep_stops.iter().map(|(what, us)| json!({"stop": what, "us": us})).collect::<Vec<_>>()
                     } else {
@@ -1469,16 +1566,24 @@ impl State {
 
     /// One check-and-switch of the pending operation on a paused VM, with
     /// the stacks of a pre-scan where they are still the tasks' stacks.
-    fn try_once(&mut self, paused: &PausedVm<'_>, prescan: Option<&Prescan>) -> Result<Outcome> {
+    /// With `retry`, `None` when a task switched since the pre-scan
+    /// (nothing was checked or changed).
+    fn try_once(&mut self, paused: &PausedVm<'_>, prescan: Option<&Prescan>, retry: bool) -> Result<Option<Outcome>> {
         let mut op = self.pending.take().ok_or_else(|| anyhow!("no pending operation"))?;
-        op.attempts += 1;
+        let mut base = self.vmlinux_orc.take();
         let outcome = self.with_kernel(paused, |p, k, w| {
+            // Given up before anything else is read.
+            if retry && prescan.is_some_and(|ps| !ps.quiet_now(k)) {
+                return Ok(None);
+            }
+            op.attempts += 1;
             let mods = k.modules()?;
             let mut prescan = prescan;
             if op.unwinder.is_none() || module_signature(&mods) != op.unwinder_modules {
                 // A module came or went since the tables were read: read
-                // them again, and unwind every stack in this stop.
-                let mut u = k.unwinder(&mods)?;
+                // the modules' tables again (vmlinux's are kept), and
+                // unwind every stack in this stop.
+                let mut u = unwinder_for(k, &mut base, &mods)?;
                 p.register_orc(&mut u);
                 op.unwinder = Some(u);
                 op.unwinder_modules = module_signature(&mods);
@@ -1506,10 +1611,18 @@ impl State {
                 })
             })();
             let (reused, unwound) = g.counts();
-            let quiet = prescan.is_some() && g.quiet();
-            op.stack_counts = Some((prescan.map(|x| x.walked).unwrap_or(0), reused, unwound, quiet));
-            r
+            op.stack_counts = Some(StackCounts {
+                prescanned: prescan.map(|x| x.walked).unwrap_or(0),
+                carried_from_last_prescan: prescan.map(|x| x.carried).unwrap_or(0),
+                tasks_read_in_stop: g.tasks_read(),
+                reused,
+                unwound_in_stop: unwound,
+                no_switch_since_prescan: prescan.is_some() && g.quiet(),
+                stops_retried: 0,
+            });
+            r.map(Some)
         });
+        self.vmlinux_orc = base;
         self.pending = Some(op);
         outcome
     }
@@ -1660,6 +1773,8 @@ impl State {
             records: None,
             unwinder_modules: Vec::new(),
             stack_counts: None,
+            last_prescan: None,
+            last_stop_us: None,
             prescan: hold.1,
             hold_after_prescan: hold.0,
             held_prescan: None,
@@ -1677,7 +1792,9 @@ impl State {
             }
             let paused = vm.pause()?;
             let mut op = self.pending.take().ok_or_else(|| anyhow!("pending"))?;
-            let r = self.with_kernel(&paused, |p, k, _| read_tables(&mut op, p, k));
+            let mut base = self.vmlinux_orc.take();
+            let r = self.with_kernel(&paused, |p, k, _| read_tables(&mut op, p, k, &mut base));
+            self.vmlinux_orc = base;
             self.pending = Some(op);
             r
         })();

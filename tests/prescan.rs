@@ -24,25 +24,91 @@ fn wait_list(g: &Guest, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// Applies livepatch-sample until a stop finds that no task switched since
+/// its pre-scan (each attempt stops again up to three times when one did;
+/// an idle guest switches rarely), up to 5 applies; returns that apply's
+/// stack counts and the task count.
+fn quiet_apply(g: &Guest) -> (Value, u64) {
+    let count = || g.api_ok(json!({"verb": "ps"})).as_array().map(|a| a.len()).unwrap() as u64;
+    for _ in 0..5 {
+        let before = count();
+        let r = apply(g, "livepatch-sample.ko", json!({}));
+        assert_eq!(r["state"], json!("done"), "{r}");
+        let st = r["stacks"].clone();
+        // A kworker may come or go between a `ps` and the pre-scan: compare
+        // with the smaller of the counts before and after.
+        let tasks = before.min(count());
+        let pre = st["prescanned"].as_u64().unwrap();
+        assert!(pre + 1 >= tasks && pre > 0, "every task is pre-scanned: {st} vs {tasks} tasks");
+        g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
+        g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
+        if st["no_switch_since_prescan"] == json!(true) {
+            return (st, tasks);
+        }
+    }
+    panic!("no apply of 5 found the guest without a switch since its pre-scan");
+}
+
 #[test]
-fn stacks_read_while_the_guest_runs_are_reused_in_the_stop() {
+fn a_stop_after_a_quiet_prescan_reads_only_the_tasks_that_may_have_run() {
     let snap = ready_snapshot(1);
     let g = Guest::restore("prescan-reuse", &snap);
     g.wait_api();
-    let count = || g.api_ok(json!({"verb": "ps"})).as_array().map(|a| a.len()).unwrap() as u64;
-    let before = count();
-    let r = apply(&g, "livepatch-sample.ko", json!({}));
-    assert_eq!(r["state"], json!("done"), "{r}");
-    let st = &r["stacks"];
-    let (pre, reused, unwound) = (st["prescanned"].as_u64().unwrap(), st["reused"].as_u64().unwrap(), st["unwound_in_stop"].as_u64().unwrap());
-    // A kworker may come or go between a `ps` and the pre-scan: compare with
-    // the smaller of the counts before and after.
-    let tasks = before.min(count());
-    // Every task was pre-scanned; the one on the vCPU is unwound in the stop
-    // (the shell and kworkers may have run since, and are unwound too).
-    assert!(pre + 1 >= tasks && pre > 0, "{st} vs {tasks} tasks");
-    assert!(unwound >= 1, "the running task is unwound in the stop: {st}");
-    assert!(reused > 0 && reused <= pre, "{st}");
+    let (st, tasks) = quiet_apply(&g);
+    let n = |k: &str| st[k].as_u64().unwrap();
+    // The vCPU's task is read and unwound in the stop; so is a task that
+    // was on a CPU at the pre-scan. No other task is read: none has a frame
+    // in cmdline_proc_show, and none ran.
+    assert!(n("unwound_in_stop") >= 1, "the vCPU's task is unwound in the stop: {st}");
+    assert_eq!(n("reused"), 0, "no pre-scanned stack is in the changed function: {st}");
+    assert!(n("tasks_read_in_stop") >= 1 && n("tasks_read_in_stop") * 4 < tasks, "{st} vs {tasks} tasks");
+}
+
+#[test]
+fn a_per_task_transition_checks_only_the_tasks_still_to_move() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("prescan-transition", &snap);
+    g.wait_api();
+    g.sh("echo 'block 10' > /proc/hp_racer");
+    // All ten asleep in hp_block_wait.
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
+        let n = st.as_array().into_iter().flatten().filter(|t| {
+            t["frames"].as_array().into_iter().flatten().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_block_wait+"))
+        });
+        if n.count() == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ten tasks never slept in hp_block_wait: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tasks = g.api_ok(json!({"verb": "ps"})).as_array().map(|a| a.len()).unwrap() as u64;
+    let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "per_task": true}));
+    assert_eq!(r["state"], json!("per-task transition"), "{r}");
+    // Every other task moved at the first check; the later checks look at
+    // the ten (and the vCPU's task), not at every task.
+    let l = wait_list(&g, "a quiet check with the ten blocked", |l| {
+        let p = &l["pending"];
+        p["tasks_remaining"] == json!(10)
+            && p["attempts"].as_u64().unwrap_or(0) >= 2
+            && p["last_stop"]["stacks"]["no_switch_since_prescan"] == json!(true)
+    });
+    let st = &l["pending"]["last_stop"]["stacks"];
+    let n = |k: &str| st[k].as_u64().unwrap();
+    assert_eq!(n("reused"), 10, "the ten blocked stacks come from the pre-scan: {st}");
+    assert!(n("tasks_read_in_stop") * 4 < tasks, "a check reads only the tasks that may have run: {st} vs {tasks} tasks");
+    let blockers = l["pending"]["blockers"].as_array().unwrap();
+    assert_eq!(blockers.len(), 10, "{l}");
+    assert!(blockers.iter().all(|b| b["function"] == json!("hp_block_wait")), "{l}");
+    // They leave it together: the transition completes.
+    g.sh("echo unblock > /proc/hp_racer");
+    let l = wait_list(&g, "the transition ending", |l| l["pending"].is_null());
+    assert_eq!(l["last"]["ok"], json!(true), "{l}");
+    let l = g.api_ok(json!({"verb": "list"}));
+    let f = l["patches"][0]["functions"].as_array().unwrap().iter().find(|f| f["old_name"] == json!("hp_block_wait")).cloned().unwrap();
+    let site = g.api_ok(json!({"verb": "ftrace", "function": "hp_block_wait"}));
+    assert_eq!(site["insn"]["Jmp"]["target"], f["new_addr"], "the site jumps straight to the patch: {site}");
 }
 
 /// Holds an apply of hp_patch_sleep after its pre-scan; returns when held.

@@ -16,7 +16,9 @@
  *                    calls hp_sleep_wait(); "fork": a new kernel thread
  *                    "hp_forked" calls hp_sleep_wait() (both until
  *                    /proc/hp_wake). Drives a task into a changed function
- *                    at a moment the test chooses.
+ *                    at a moment the test chooses. "block N": N more kernel
+ *                    threads "hp_blocked/K" sleep inside hp_block_wait()
+ *                    until "unblock" (all of them leave it at once).
  */
 #include <linux/module.h>
 #include <linux/proc_fs.h>
@@ -167,6 +169,25 @@ static int hp_racer_fn(void *data)
 	return 0;
 }
 
+#define HP_BLOCKED_MAX 64
+static DECLARE_WAIT_QUEUE_HEAD(hp_block_wq);
+static int hp_unblocked;
+static struct task_struct *hp_blocked[HP_BLOCKED_MAX];
+static int hp_nr_blocked;
+
+noinline int hp_block_wait(void)
+{
+	return wait_event_interruptible(hp_block_wq, READ_ONCE(hp_unblocked) || kthread_should_stop());
+}
+
+static int hp_blocked_fn(void *data)
+{
+	hp_block_wait();
+	while (!kthread_should_stop())
+		wait_event_interruptible(hp_spawn_wq, kthread_should_stop());
+	return 0;
+}
+
 static int hp_forked_fn(void *data)
 {
 	hp_sleep_wait();
@@ -201,6 +222,22 @@ static ssize_t hp_racer_write(struct file *f, const char __user *ubuf, size_t n,
 			hp_forked = NULL;
 			return err;
 		}
+	} else if (!strncmp(buf, "block ", 6)) {
+		unsigned int count, i;
+		struct task_struct *t;
+
+		if (kstrtouint(buf + 6, 10, &count) || count > HP_BLOCKED_MAX - hp_nr_blocked)
+			return -EINVAL;
+		WRITE_ONCE(hp_unblocked, 0);
+		for (i = 0; i < count; i++) {
+			t = kthread_run(hp_blocked_fn, NULL, "hp_blocked/%d", hp_nr_blocked);
+			if (IS_ERR(t))
+				return PTR_ERR(t);
+			hp_blocked[hp_nr_blocked++] = t;
+		}
+	} else if (!strcmp(buf, "unblock")) {
+		WRITE_ONCE(hp_unblocked, 1);
+		wake_up_interruptible_all(&hp_block_wq);
 	} else {
 		return -EINVAL;
 	}
@@ -252,6 +289,8 @@ static void __exit hp_target_exit(void)
 		kthread_stop(hp_racer);
 	if (hp_forked)
 		kthread_stop(hp_forked);
+	while (hp_nr_blocked > 0)
+		kthread_stop(hp_blocked[--hp_nr_blocked]);
 }
 
 module_init(hp_target_init);

@@ -230,6 +230,8 @@ pub struct Btf {
     types: Vec<Type>,
     strings: Vec<u8>,
     by_name: HashMap<String, Vec<u32>>,
+    /// Every enumerator's values by name (for lookups without the enum's name).
+    enumerators: HashMap<String, Vec<i64>>,
 }
 
 impl std::fmt::Debug for Btf {
@@ -337,7 +339,7 @@ impl Btf {
             let id = types.len();
             types.push(parse_type(&mut cur, id)?);
         }
-        let mut btf = Btf { types, strings: strings.to_vec(), by_name: HashMap::new() };
+        let mut btf = Btf { types, strings: strings.to_vec(), by_name: HashMap::new(), enumerators: HashMap::new() };
         btf.validate()?;
         btf.index_names();
         Ok(btf)
@@ -552,19 +554,12 @@ impl Btf {
         let no_member = |ty: &str| IntrospectError::NoMember { ty: ty.to_string(), member: enumerator.to_string() };
         let Some(enum_name) = enum_name.filter(|n| !n.trim().is_empty()) else {
             let mut found: Option<i64> = None;
-            for t in &self.types {
-                if let Kind::Enum { values, .. } = &t.kind {
-                    for v in values.iter().filter(|v| self.name_is(v.name_off, enumerator)) {
-                        match found {
-                            Some(prev) if prev != v.value => {
-                                return Err(corrupt(format!(
-                                    "enumerator {enumerator} has two values ({prev}, {})",
-                                    v.value
-                                )))
-                            }
-                            _ => found = Some(v.value),
-                        }
+            for &v in self.enumerators.get(enumerator).map(Vec::as_slice).unwrap_or(&[]) {
+                match found {
+                    Some(prev) if prev != v => {
+                        return Err(corrupt(format!("enumerator {enumerator} has two values ({prev}, {v})")))
                     }
+                    _ => found = Some(v),
                 }
             }
             return found.ok_or_else(|| no_member("any enum"));
@@ -843,6 +838,18 @@ impl Btf {
             }
         }
         self.by_name = by_name;
+        let mut enumerators: HashMap<String, Vec<i64>> = HashMap::new();
+        for t in &self.types {
+            if let Kind::Enum { values, .. } = &t.kind {
+                for v in values {
+                    let name = self.str_at(v.name_off);
+                    if !name.is_empty() {
+                        enumerators.entry(name.to_string()).or_default().push(v.value);
+                    }
+                }
+            }
+        }
+        self.enumerators = enumerators;
     }
 
     fn size_of(&self, id: u32, depth: usize) -> Result<u64> {

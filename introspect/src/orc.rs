@@ -11,6 +11,7 @@
 //! `arch_stack_walk_reliable()` does. Guest memory is hostile: every read is
 //! checked, every walk bounded, every address computation checked.
 
+use std::sync::Arc;
 use crate::cpu::CpuState;
 use crate::error::{IntrospectError, Result};
 use crate::translate::KernelMemory;
@@ -201,9 +202,10 @@ struct TrampolineAlias {
 /// The guest's ORC tables, copied into host memory.
 #[derive(Clone, Debug)]
 pub struct OrcTables {
-    vmlinux: OrcTable,
+    /// Shared: an unwinder built again for another module list keeps it.
+    vmlinux: Arc<OrcTable>,
     /// `orc_lookup`, when it passed validation (else the full binary search is used).
-    lookup: Option<Vec<u32>>,
+    lookup: Option<Arc<Vec<u32>>>,
     init_text: Option<(u64, u64)>,
     ret_from_fork: Option<u64>,
     sched_text: Option<(u64, u64)>,
@@ -312,8 +314,8 @@ impl OrcTables {
         let lookup = Self::validated_lookup(lookup, &vmlinux);
 
         Ok(OrcTables {
-            vmlinux,
-            lookup,
+            vmlinux: Arc::new(vmlinux),
+            lookup: lookup.map(Arc::new),
             init_text: syms.init_text,
             ret_from_fork: syms.ret_from_fork,
             sched_text: syms.sched_text,
@@ -329,8 +331,8 @@ impl OrcTables {
         let vmlinux = Self::host_table(syms.text_start, syms.text_end, ips, entries)?;
         let lookup = lookup.and_then(|l| Self::validated_lookup(l, &vmlinux));
         Ok(OrcTables {
-            vmlinux,
-            lookup,
+            vmlinux: Arc::new(vmlinux),
+            lookup: lookup.map(Arc::new),
             init_text: syms.init_text,
             ret_from_fork: syms.ret_from_fork,
             sched_text: syms.sched_text,
@@ -379,6 +381,22 @@ impl OrcTables {
     /// Whether lookups use the guest's `orc_lookup` (else a full binary search).
     pub fn uses_fast_lookup(&self) -> bool {
         self.lookup.is_some()
+    }
+
+    /// The vmlinux tables alone (no module or host tables): what an
+    /// unwinder for another module list starts from. Cheap: the vmlinux
+    /// table is shared, not copied.
+    pub fn vmlinux_only(&self) -> OrcTables {
+        OrcTables {
+            vmlinux: Arc::clone(&self.vmlinux),
+            lookup: self.lookup.clone(),
+            init_text: self.init_text,
+            ret_from_fork: self.ret_from_fork,
+            sched_text: self.sched_text,
+            lock_text: self.lock_text,
+            modules: Vec::new(),
+            trampolines: Vec::new(),
+        }
     }
 
     /// Number of vmlinux ORC entries.

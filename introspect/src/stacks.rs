@@ -108,8 +108,23 @@ pub struct Unwinder {
 impl Kernel<'_> {
     /// Loads the vmlinux ORC tables and those of every module in `modules`.
     pub fn unwinder(&self, modules: &[Module]) -> Result<Unwinder> {
+        self.unwinder_with(None, modules)
+    }
+
+    /// vmlinux's ORC tables alone, read from guest memory (they never
+    /// change while the kernel runs: read once, then [`Self::unwinder_with`]).
+    pub fn vmlinux_orc(&self) -> Result<OrcTables> {
         let syms = SymbolAddrs::from_lookup(|n| self.syms.lookup_unique(n).ok())?;
-        let mut tables = OrcTables::load(&self.mem, &syms)?;
+        OrcTables::load(&self.mem, &syms)
+    }
+
+    /// An unwinder over `vmlinux` (read before, shared not copied; read now
+    /// if `None`) and the ORC tables of every module in `modules`.
+    pub fn unwinder_with(&self, vmlinux: Option<&OrcTables>, modules: &[Module]) -> Result<Unwinder> {
+        let mut tables = match vmlinux {
+            Some(t) => t.vmlinux_only(),
+            None => self.vmlinux_orc()?,
+        };
         let ip_off = self.off("module", "arch.orc_unwind_ip")?;
         let orc_off = self.off("module", "arch.orc_unwind")?;
         let num_off = self.off("module", "arch.num_orcs")?;

@@ -11,6 +11,7 @@ use introspect::stacks::{Symbolizer, Unwinder};
 use introspect::translate::KernelMemory;
 
 use crate::addr::{GuestPhys, GuestVirt};
+use crate::engine::safety::CodeRange;
 use crate::error::{PatchError, Result};
 use crate::guest::GuestWriter;
 
@@ -65,16 +66,40 @@ pub struct TaskFrames {
     pub frames: Vec<StackFrame>,
 }
 
+/// Tasks with their `patch_state`, from [`GuestTasks::tasks_in_state`].
+#[derive(Clone, Debug, Default)]
+pub struct TaskStates {
+    pub tasks: Vec<(TaskRef, i32)>,
+    /// Every task of the guest was read (not only those that may match).
+    pub whole: bool,
+}
+
 /// Tasks and stacks of a stopped guest, and the kernel facts the per-task
 /// transition writes by.
 pub trait GuestTasks: GuestMem {
     /// Every task (the guest's task list, read now).
     fn tasks(&self) -> Result<Vec<TaskRef>>;
-    /// The tasks a stack check must look at. A view that knows no task
-    /// but these can have run since it last saw the others may leave the
-    /// others out ([`crate::engine::prescan`]); by default, every task.
-    fn tasks_to_check(&self) -> Result<Vec<TaskRef>> {
+    /// The tasks a stack check against `ranges` must look at. A view
+    /// that knows the other tasks have not run since it saw them outside
+    /// `ranges` may leave them out ([`crate::engine::prescan`]); by
+    /// default, every task.
+    fn tasks_to_check(&self, ranges: &[CodeRange]) -> Result<Vec<TaskRef>> {
+        let _ = ranges;
         self.tasks()
+    }
+    /// The tasks whose `patch_state` (at offset `ps_off`) may be one that
+    /// `wanted` accepts, each with its value. A view that knows the others'
+    /// values cannot have changed may leave them out, and says so with
+    /// `whole: false`; by default every task is read now.
+    fn tasks_in_state(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
+        let mut tasks = Vec::new();
+        for t in self.tasks()? {
+            let v = self.read_i32(t.addr.offset(ps_off)?)?;
+            if wanted(v) {
+                tasks.push((t, v));
+            }
+        }
+        Ok(TaskStates { tasks, whole: true })
     }
     /// `t`'s stack, from its vCPU when it runs, else from its saved state.
     fn stack(&self, t: &TaskRef) -> TaskFrames;
@@ -96,17 +121,19 @@ pub struct LiveGuest<'a, 'm> {
     pub w: &'a dyn GuestWriter,
     pub u: Option<&'a Unwinder>,
     tasks: OnceCell<(Vec<introspect::tasks::Task>, HashMap<u64, usize>)>,
-    modules: OnceCell<Vec<introspect::modules::Module>>,
+    /// Built at the first frame described in this stop (it reads every
+    /// module's symbols), then kept for the others.
+    symbolizer: OnceCell<Symbolizer<'a, 'm>>,
 }
 
 impl<'a, 'm> LiveGuest<'a, 'm> {
     /// Memory only (no stacks: sites switched without a stack check).
     pub fn memory(k: &'a Kernel<'m>, w: &'a dyn GuestWriter) -> Self {
-        LiveGuest { k, w, u: None, tasks: OnceCell::new(), modules: OnceCell::new() }
+        LiveGuest { k, w, u: None, tasks: OnceCell::new(), symbolizer: OnceCell::new() }
     }
     /// Memory, tasks and stacks.
     pub fn new(k: &'a Kernel<'m>, w: &'a dyn GuestWriter, u: &'a Unwinder) -> Self {
-        LiveGuest { k, w, u: Some(u), tasks: OnceCell::new(), modules: OnceCell::new() }
+        LiveGuest { k, w, u: Some(u), tasks: OnceCell::new(), symbolizer: OnceCell::new() }
     }
     /// The task whose `task_struct` is at `addr`, as read in this stop.
     pub fn task(&self, addr: GuestVirt) -> Option<&introspect::tasks::Task> {
@@ -129,6 +156,10 @@ impl<'a, 'm> LiveGuest<'a, 'm> {
             reason: st.reason.clone(),
             frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
         }
+    }
+    /// Tasks read from the task list in this stop (0 if it was not walked).
+    pub fn tasks_read(&self) -> usize {
+        self.tasks.get().map(|(t, _)| t.len()).unwrap_or(0)
     }
     fn all_tasks(&self) -> Result<&[introspect::tasks::Task]> {
         Ok(self.read_tasks()?.0.as_slice())
@@ -165,8 +196,7 @@ impl GuestTasks for LiveGuest<'_, '_> {
         self.unwind(u, task)
     }
     fn describe(&self, f: StackFrame) -> String {
-        let mods = self.modules.get_or_init(|| self.k.modules().unwrap_or_default());
-        let sym = Symbolizer::new(self.k, mods);
+        let sym = self.symbolizer.get_or_init(|| Symbolizer::new(self.k, &self.k.modules().unwrap_or_default()));
         if f.is_return {
             sym.return_address(f.ip)
         } else {

@@ -37,8 +37,8 @@
 //! builds it while the guest runs and checks in the stop that the module
 //! list it was built from is unchanged.
 
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use introspect::kernel::Kernel;
 use introspect::stacks::Unwinder;
@@ -46,7 +46,8 @@ use introspect::tasks::{RunMarks, Task};
 use introspect::translate::KernelMemory;
 
 use crate::addr::{GuestPhys, GuestVirt};
-use crate::engine::guest_view::{GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef};
+use crate::engine::guest_view::{GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef, TaskStates};
+use crate::engine::safety::CodeRange;
 use crate::error::Result;
 
 /// One task as the pre-scan saw it.
@@ -56,6 +57,8 @@ struct Seen {
     comm: String,
     marks: RunMarks,
     frames: TaskFrames,
+    /// Its `patch_state`, when the pre-scan read them.
+    patch_state: Option<i32>,
 }
 
 /// Every CPU's `rq->nr_switches` (one per vCPU of `k`).
@@ -70,29 +73,65 @@ fn cpu_switches(k: &Kernel<'_>) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The code address a frame is in (a return address may sit just past
+/// its function's end), as the stack check compares it.
+fn code_ip(f: &StackFrame) -> u64 {
+    if f.is_return {
+        f.ip.saturating_sub(1)
+    } else {
+        f.ip
+    }
+}
+
+/// Every code address on the stacks of `seen`, with the tasks holding it.
+fn index_by_ip(seen: &HashMap<u64, Seen>) -> BTreeMap<u64, Vec<u64>> {
+    let mut by_ip: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (addr, s) in seen {
+        for f in &s.frames.frames {
+            let v = by_ip.entry(code_ip(f)).or_default();
+            if v.last() != Some(addr) {
+                v.push(*addr);
+            }
+        }
+    }
+    by_ip
+}
+
 /// The pre-scan: reliable stacks of the tasks that were switched out.
 #[derive(Clone, Debug, Default)]
 pub struct Prescan {
     seen: HashMap<u64, Seen>,
+    /// Every code address on a pre-scanned stack, with the tasks whose
+    /// stacks hold it: a quiet stop finds the tasks in a range without
+    /// looking at the others.
+    by_ip: BTreeMap<u64, Vec<u64>>,
     /// Tasks the pre-scan walked (reused or not).
     pub walked: usize,
+    /// Stacks taken from the pre-scan before this one (not unwound again).
+    pub carried: usize,
     /// Every CPU's switch count before the walk, if it was the same after.
     quiet_switches: Option<Vec<u64>>,
-    /// Tasks the walk found on a CPU or could not unwind.
+    /// Tasks the walk found on a CPU or could not unwind (or read).
     unsettled: Vec<u64>,
+    /// The `patch_state` offset the walk read each task's at.
+    patch_state_off: Option<u64>,
 }
 
 impl Prescan {
     /// Reads and unwinds every task of `k`, a view of the guest's memory
     /// while it runs (reads may be torn; each stack is used only if the
-    /// stop shows its task did not run since).
-    pub fn take(k: &Kernel<'_>, u: &Unwinder) -> Result<Prescan> {
+    /// stop shows its task did not run since). A task with the same pid,
+    /// counts and `start_time` as in `prev`, and off CPU both times, has
+    /// not run between the two reads: its stack is taken from `prev`.
+    /// With `patch_state_off`, each task's `patch_state` is read too.
+    pub fn take(k: &Kernel<'_>, u: &Unwinder, prev: Option<&Prescan>, patch_state_off: Option<u64>) -> Result<Prescan> {
         let before = cpu_switches(k).ok();
         let tasks = k.tasks_brief()?;
         let after = cpu_switches(k).ok();
         let quiet_switches = before.filter(|b| after.as_ref() == Some(b));
         let mut seen = HashMap::new();
         let mut unsettled = Vec::new();
+        let mut carried = 0;
         for t in &tasks {
             let Some(marks) = t.run_marks else {
                 unsettled.push(t.addr);
@@ -102,19 +141,48 @@ impl Prescan {
                 unsettled.push(t.addr);
                 continue;
             }
-            let st = k.unwind_task(u, t);
-            if !st.reliable {
-                unsettled.push(t.addr);
-                continue;
-            }
-            let frames = TaskFrames {
-                reliable: true,
-                reason: None,
-                frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
+            let patch_state = match patch_state_off {
+                None => None,
+                Some(off) => match t.addr.checked_add(off).map(|a| k.mem.read_u32(a)) {
+                    Some(Ok(v)) => Some(v as i32),
+                    _ => {
+                        unsettled.push(t.addr);
+                        continue;
+                    }
+                },
             };
-            seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks, frames });
+            let earlier = prev.and_then(|p| p.seen.get(&t.addr)).filter(|s| s.pid == t.pid && s.marks == marks);
+            let frames = match earlier {
+                Some(s) => {
+                    carried += 1;
+                    s.frames.clone()
+                }
+                None => {
+                    let st = k.unwind_task(u, t);
+                    if !st.reliable {
+                        unsettled.push(t.addr);
+                        continue;
+                    }
+                    TaskFrames {
+                        reliable: true,
+                        reason: None,
+                        frames: st.frames.iter().map(|f| StackFrame { ip: f.ip, is_return: f.is_return_address() }).collect(),
+                    }
+                }
+            };
+            seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks, frames, patch_state });
         }
-        Ok(Prescan { seen, walked: tasks.len(), quiet_switches, unsettled })
+        let by_ip = index_by_ip(&seen);
+        Ok(Prescan { seen, by_ip, walked: tasks.len(), carried, quiet_switches, unsettled, patch_state_off })
+    }
+
+    /// Whether no CPU switched tasks since before the walk (`k`: the
+    /// stopped guest). A stop that finds otherwise may give up at once.
+    pub fn quiet_now(&self, k: &Kernel<'_>) -> bool {
+        match &self.quiet_switches {
+            Some(then) => cpu_switches(k).ok().as_ref() == Some(then),
+            None => false,
+        }
     }
 
     /// Stacks the pre-scan holds.
@@ -124,6 +192,21 @@ impl Prescan {
 
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
+    }
+
+    /// The pre-scanned tasks with a frame in one of `ranges`.
+    fn in_ranges(&self, ranges: &[CodeRange]) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        for r in ranges {
+            let end = r.start.saturating_add(r.size);
+            if end <= r.start {
+                continue;
+            }
+            for (_, tasks) in self.by_ip.range(r.start..end) {
+                out.extend(tasks.iter().copied());
+            }
+        }
+        out
     }
 
     /// The pre-scan's stack of `t` (read in the stop), if `t` did not run since.
@@ -145,9 +228,11 @@ pub struct PrescannedGuest<'a, 'm> {
     reused: Cell<usize>,
     unwound: Cell<usize>,
     /// No switch since before the pre-scan's walk (decided once per stop).
-    quiet: std::cell::OnceCell<bool>,
+    quiet: OnceCell<bool>,
     /// Tasks read one by one in a quiet stop (the list is not walked).
-    singles: std::cell::RefCell<HashMap<u64, Task>>,
+    singles: RefCell<HashMap<u64, Task>>,
+    /// The vCPUs' current tasks and the unsettled ones, read alone.
+    read_alone: OnceCell<Vec<TaskRef>>,
 }
 
 impl<'a, 'm> PrescannedGuest<'a, 'm> {
@@ -157,20 +242,23 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
             prescan,
             reused: Cell::new(0),
             unwound: Cell::new(0),
-            quiet: std::cell::OnceCell::new(),
-            singles: std::cell::RefCell::new(HashMap::new()),
+            quiet: OnceCell::new(),
+            singles: RefCell::new(HashMap::new()),
+            read_alone: OnceCell::new(),
         }
     }
     /// Stacks taken from the pre-scan, and stacks unwound in the stop.
     pub fn counts(&self) -> (usize, usize) {
         (self.reused.get(), self.unwound.get())
     }
+    /// Tasks read in this stop: the task list if it was walked, and the
+    /// tasks read alone.
+    pub fn tasks_read(&self) -> usize {
+        self.live.tasks_read() + self.singles.borrow().len()
+    }
     /// Whether no task was switched since before the pre-scan's walk.
     pub fn quiet(&self) -> bool {
-        *self.quiet.get_or_init(|| match &self.prescan.quiet_switches {
-            Some(then) => cpu_switches(self.live.k).ok().as_ref() == Some(then),
-            None => false,
-        })
+        *self.quiet.get_or_init(|| self.prescan.quiet_now(self.live.k))
     }
     /// The task at `addr`, read alone (`running_on`: its vCPU).
     fn single(&self, l: &introspect::tasks::TaskLayout, addr: u64, running_on: Option<usize>) -> Result<TaskRef> {
@@ -181,13 +269,16 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
         Ok(r)
     }
 
-    /// The quiet stop's tasks: every vCPU's current task, then the unsettled
-    /// ones, then the rest of the pre-scan's. No other task can be in other
-    /// code now.
-    fn quiet_tasks(&self) -> Result<Vec<TaskRef>> {
+    /// In a quiet stop, the only tasks that may have run since the
+    /// pre-scan: every vCPU's current task and the unsettled ones, each
+    /// read alone. Every other task is as the pre-scan saw it.
+    fn alone(&self) -> Result<&[TaskRef]> {
+        if let Some(v) = self.read_alone.get() {
+            return Ok(v);
+        }
         let l = introspect::tasks::TaskLayout::from_btf(self.live.k)?;
         let mut out = Vec::new();
-        let mut taken = std::collections::HashSet::new();
+        let mut taken = BTreeSet::new();
         for cpu in 0..self.live.k.cpus.len() {
             let cur = self.live.k.current_task(cpu)?;
             if cur != 0 && taken.insert(cur) {
@@ -199,12 +290,57 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
                 out.push(self.single(&l, *addr, None)?);
             }
         }
-        for (addr, s) in &self.prescan.seen {
-            if taken.insert(*addr) {
-                out.push(TaskRef { pid: s.pid, comm: s.comm.clone(), addr: GuestVirt(*addr), running_on: None });
+        Ok(self.read_alone.get_or_init(|| out))
+    }
+
+    /// A pre-scanned task not read alone in this stop, as a `TaskRef`.
+    fn seen_ref(&self, addr: u64, s: &Seen) -> Option<TaskRef> {
+        if self.singles.borrow().contains_key(&addr) {
+            return None;
+        }
+        Some(TaskRef { pid: s.pid, comm: s.comm.clone(), addr: GuestVirt(addr), running_on: None })
+    }
+
+    /// The quiet stop's tasks for a check against `ranges`: those read
+    /// alone, and the pre-scanned ones with a frame in `ranges`. No other
+    /// task can be in that code now.
+    fn quiet_tasks(&self, ranges: &[CodeRange]) -> Result<Vec<TaskRef>> {
+        let mut out = self.alone()?.to_vec();
+        for addr in self.prescan.in_ranges(ranges) {
+            if let Some(t) = self.prescan.seen.get(&addr).and_then(|s| self.seen_ref(addr, s)) {
+                out.push(t);
             }
         }
         Ok(out)
+    }
+
+    /// The quiet stop's tasks whose `patch_state` `wanted` accepts: those
+    /// read alone (their value read now) and the pre-scanned ones by the
+    /// value the pre-scan read. Only hyperpatch's stops write
+    /// `patch_state`, besides the guest's own livepatch (refused while it
+    /// is in a transition) and fork (a child copies its parent, a vCPU's
+    /// current task or one that ran, so a new task is in a quiet stop
+    /// only in the state its parent had and has never run).
+    fn quiet_states(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<Option<TaskStates>> {
+        if self.prescan.patch_state_off != Some(ps_off) || self.live.guest_klp_in_transition()? {
+            return Ok(None);
+        }
+        let mut tasks = Vec::new();
+        for t in self.alone()? {
+            let v = self.read_i32(t.addr.offset(ps_off)?)?;
+            if wanted(v) {
+                tasks.push((t.clone(), v));
+            }
+        }
+        for (addr, s) in &self.prescan.seen {
+            let Some(v) = s.patch_state else { return Ok(None) };
+            if wanted(v) {
+                if let Some(t) = self.seen_ref(*addr, s) {
+                    tasks.push((t, v));
+                }
+            }
+        }
+        Ok(Some(TaskStates { tasks, whole: false }))
     }
 }
 
@@ -227,16 +363,31 @@ impl GuestTasks for PrescannedGuest<'_, '_> {
     fn tasks(&self) -> Result<Vec<TaskRef>> {
         self.live.tasks()
     }
-    fn tasks_to_check(&self) -> Result<Vec<TaskRef>> {
+    fn tasks_to_check(&self, ranges: &[CodeRange]) -> Result<Vec<TaskRef>> {
         if self.quiet() {
             // A task that cannot be read alone is not left out: the stop
             // walks the task list instead (the pre-scanned stacks stay
             // reusable, since no task switched).
-            if let Ok(t) = self.quiet_tasks() {
+            if let Ok(t) = self.quiet_tasks(ranges) {
                 return Ok(t);
             }
         }
         self.live.tasks()
+    }
+    fn tasks_in_state(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
+        if self.quiet() {
+            if let Ok(Some(t)) = self.quiet_states(ps_off, wanted) {
+                return Ok(t);
+            }
+        }
+        let mut tasks = Vec::new();
+        for t in self.live.tasks()? {
+            let v = self.read_i32(t.addr.offset(ps_off)?)?;
+            if wanted(v) {
+                tasks.push((t, v));
+            }
+        }
+        Ok(TaskStates { tasks, whole: true })
     }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         if let Some(task) = self.singles.borrow().get(&t.addr.0) {
@@ -300,8 +451,43 @@ mod tests {
     fn prescan_of(t: &Task) -> Prescan {
         let frames = TaskFrames { reliable: true, reason: None, frames: vec![StackFrame { ip: 0xffff_ffff_8100_1000, is_return: true }] };
         let mut seen = HashMap::new();
-        seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks: t.run_marks.unwrap(), frames });
-        Prescan { seen, walked: 1, quiet_switches: None, unsettled: Vec::new() }
+        seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks: t.run_marks.unwrap(), frames, patch_state: None });
+        Prescan { seen, walked: 1, ..Prescan::default() }
+    }
+
+    #[test]
+    fn a_range_finds_exactly_the_tasks_with_a_frame_in_it() {
+        let f = |ip: u64, is_return: bool| StackFrame { ip, is_return };
+        let seen_with = |frames: Vec<StackFrame>| Seen {
+            pid: 1,
+            comm: "t".into(),
+            marks: marks(1, 1, 0, 1),
+            frames: TaskFrames { reliable: true, reason: None, frames },
+            patch_state: None,
+        };
+        let mut seen = HashMap::new();
+        // Returns into 0x1000..0x1100: the return address just past its end counts.
+        seen.insert(0xa, seen_with(vec![f(0x1100, true), f(0x5000, true)]));
+        // A return address at the range's start is in the function before.
+        seen.insert(0xb, seen_with(vec![f(0x1000, true), f(0x5000, true)]));
+        // An exact ip (a vCPU's, or an interrupted frame) at the start is in it.
+        seen.insert(0xc, seen_with(vec![f(0x1000, false)]));
+        // Recursion: the task is named once.
+        seen.insert(0xd, seen_with(vec![f(0x1050, true), f(0x1050, true)]));
+        seen.insert(0xe, seen_with(vec![f(0x2000, true)]));
+        let by_ip = index_by_ip(&seen);
+        let p = Prescan { seen, by_ip, ..Prescan::default() };
+        let r = |start, size| CodeRange { name: "f".into(), start, size };
+        let got: Vec<u64> = p.in_ranges(&[r(0x1000, 0x100)]).into_iter().collect();
+        assert_eq!(got, vec![0xa, 0xc, 0xd]);
+        let got: Vec<u64> = p.in_ranges(&[r(0x1000, 0x100), r(0x1fff, 2)]).into_iter().collect();
+        assert_eq!(got, vec![0xa, 0xc, 0xd, 0xe]);
+        assert!(p.in_ranges(&[r(0x3000, 0x100), r(u64::MAX, 0)]).is_empty());
+        // The stack check agrees with the index on every task.
+        for (addr, s) in &p.seen {
+            let hit = s.frames.frames.iter().any(|fr| r(0x1000, 0x100).contains(code_ip(fr)));
+            assert_eq!(hit, p.in_ranges(&[r(0x1000, 0x100)]).contains(addr), "task {addr:#x}");
+        }
     }
 
     #[test]

@@ -76,5 +76,5 @@ pub(crate) fn blocker(g: &dyn GuestTasks, ranges: &[CodeRange], t: &TaskRef) -> 
 
 /// Every task of the guest that may not switch away from `ranges` now.
 pub(crate) fn blockers(g: &dyn GuestTasks, ranges: &[CodeRange]) -> Result<Vec<Blocker>> {
-    Ok(g.tasks_to_check()?.iter().filter_map(|t| blocker(g, ranges, t)).collect())
+    Ok(g.tasks_to_check(ranges)?.iter().filter_map(|t| blocker(g, ranges, t)).collect())
 }

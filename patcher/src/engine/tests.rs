@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use introspect::ftrace::NOP5;
 
-use super::guest_view::{GuestMem, GuestTasks, StackFrame, TaskFrames, TaskRef};
+use super::guest_view::{GuestMem, GuestTasks, StackFrame, TaskFrames, TaskRef, TaskStates};
 use super::resolve::ResolvedFunc;
 use super::transition::{STUB_SIZE, TASK_MIGRATED, TASK_UNDEFINED};
 use super::*;
@@ -47,6 +47,9 @@ struct FakeGuest {
     fail_write: Cell<Option<usize>>,
     writes: Cell<usize>,
     guest_klp_busy: Cell<bool>,
+    /// As a quiet pre-scanned stop: only these pids may have a
+    /// `patch_state` to look at (the others are known to be done).
+    partial: RefCell<Option<Vec<i32>>>,
 }
 
 impl FakeGuest {
@@ -59,6 +62,7 @@ impl FakeGuest {
             fail_write: Cell::new(None),
             writes: Cell::new(0),
             guest_klp_busy: Cell::new(false),
+            partial: RefCell::new(None),
         };
         for i in 0..funcs {
             let f = func(i);
@@ -172,6 +176,26 @@ impl GuestTasks for FakeGuest {
             .iter()
             .map(|t| TaskRef { pid: t.pid, comm: format!("task{}", t.pid), addr: GuestVirt(t.addr), running_on: None })
             .collect())
+    }
+    fn tasks_in_state(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
+        let Some(pids) = self.partial.borrow().clone() else {
+            let mut tasks = Vec::new();
+            for t in self.tasks()? {
+                let v = self.read_i32(t.addr.offset(ps_off)?)?;
+                if wanted(v) {
+                    tasks.push((t, v));
+                }
+            }
+            return Ok(TaskStates { tasks, whole: true });
+        };
+        let mut tasks = Vec::new();
+        for t in self.tasks()?.into_iter().filter(|t| pids.contains(&t.pid)) {
+            let v = self.read_i32(t.addr.offset(ps_off)?)?;
+            if wanted(v) {
+                tasks.push((t, v));
+            }
+        }
+        Ok(TaskStates { tasks, whole: false })
     }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         let tasks = self.tasks.borrow();
@@ -384,6 +408,32 @@ fn per_task_transition_migrates_safe_tasks_then_completes() {
     assert_eq!((g.patch_state(1), g.patch_state(2)), (TASK_UNDEFINED, TASK_UNDEFINED));
     assert_eq!(p.reserved_used(), used_before_stubs, "stubs freed");
     assert!(!p.patches[0].forced);
+}
+
+#[test]
+fn a_transition_step_looks_only_at_the_tasks_a_view_names_and_completes_over_all() {
+    // Five tasks migrate at the first step; one stays in the old function.
+    let mut g = FakeGuest::new(1).with_task(2, &[func(0) + 0x20]);
+    for pid in [1, 3, 4, 5, 6] {
+        g = g.with_task(pid, &[]);
+    }
+    let mut p = patcher();
+    let (r, s) = stage(&mut p, "p1", &[0], false, &[]);
+    let out = p.apply_resolved(&g, r, s, ApplyOptions { per_task: true, ..Default::default() }).expect("apply");
+    assert!(matches!(&out, Outcome::InTransition { remaining: 1, blockers } if blockers[0].pid == 2), "{out:?}");
+    // A quiet pre-scanned stop names only the task not yet migrated. A
+    // task forked since (unmigrated, never run) is not named.
+    *g.partial.borrow_mut() = Some(vec![2]);
+    let g = g.with_task(7, &[]);
+    let out = p.advance_on(&g).expect("advance");
+    assert!(matches!(&out, Outcome::InTransition { remaining: 1, .. }), "{out:?}");
+    assert_eq!(g.patch_state(7), TASK_UNDEFINED, "a task the view leaves out is not touched");
+    g.set_frames(2, &[]);
+    let out = p.advance_on(&g).expect("advance");
+    assert!(matches!(out, Outcome::Switched { sites: 1, forced: false }), "{out:?}");
+    for pid in 1..=7 {
+        assert_eq!(g.patch_state(pid), TASK_UNDEFINED, "pid {pid}: every task's mark is cleared at completion");
+    }
 }
 
 #[test]

@@ -158,11 +158,8 @@ impl Patcher {
         if g.guest_klp_in_transition()? {
             return Err(PatchError::State("the guest's own livepatch is in a transition; try again later".into()));
         }
-        for t in g.tasks()? {
-            let v = g.read_i32(t.addr.offset(ps_off)?)?;
-            if v != TASK_UNDEFINED {
-                return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
-            }
+        if let Some((t, v)) = g.tasks_in_state(ps_off, &|v| v != TASK_UNDEFINED)?.tasks.first() {
+            return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
         }
         let mut new_ranges = Vec::new();
         for (site, target) in &desired {
@@ -240,20 +237,18 @@ impl Patcher {
             return Ok(Outcome::Switched { sites: 0, forced: false });
         };
         let ps_off = g.patch_state_offset()?;
-        let tasks = g.tasks()?;
         let reversed = tr.state.reversed();
         // Forward: unmigrated tasks move to the target once off the old code.
         // Reversed: migrated tasks move back once off the new code.
         let (from, to, ranges) =
             if reversed { (TASK_MIGRATED, TASK_UNDEFINED, &tr.new_ranges) } else { (TASK_UNDEFINED, TASK_MIGRATED, &tr.old_ranges) };
+        // Only tasks not yet where the transition goes (a pre-scanned view
+        // reads no other task in a stop where none of them ran).
+        let moving = g.tasks_in_state(ps_off, &|state| !(state == to || (reversed && state != from)))?;
         let mut marks = WritePlan::new();
         let mut blockers = Vec::new();
-        for t in &tasks {
+        for (t, _) in &moving.tasks {
             let addr = t.addr.offset(ps_off)?;
-            let state = g.read_i32(addr)?;
-            if state == to || (reversed && state != from) {
-                continue;
-            }
             match if tr.state.forced() { None } else { blocker(g, ranges, t) } {
                 None => marks.virt(addr, &to.to_le_bytes()),
                 Some(b) => blockers.push(b),
@@ -263,6 +258,9 @@ impl Patcher {
         if !blockers.is_empty() {
             return Ok(Outcome::InTransition { remaining: blockers.len(), blockers });
         }
+        // Every task's mark is cleared: the whole task list, read now (a
+        // task forked since a pre-scan copied its parent's mark).
+        let tasks = g.tasks()?;
         self.complete_transition(g, &tasks, ps_off)
     }
 
