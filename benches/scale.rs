@@ -30,11 +30,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn applies(g: &Guest, prescan: bool) -> (f64, Value) {
     let mut stops = Vec::new();
+    let mut each = Vec::new();
     let mut last = Value::Null;
-    for _ in 0..5 {
+    for _ in 0..9 {
         let r = g.api_ok(json!({"verb": "apply", "path": module("livepatch-sample.ko"), "wait": true, "prescan": prescan}));
         stops.push(r["stopped_us"].as_f64().unwrap());
-        last = json!({"stacks": r["stacks"], "prep_stops_us": r["prep_stops_us"]});
+        each.push(json!({"us": r["stopped_us"].as_f64().unwrap().round(), "quiet": r["stacks"]["no_switch_since_prescan"], "retried": r["stacks"]["stops_retried"], "retaken": r["stacks"]["prescans_retaken"]}));
+        last = json!({"each": each, "stacks": r["stacks"], "prep_stops_us": r["prep_stops_us"]});
         g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
         g.api_ok(json!({"verb": "remove", "name": "livepatch_sample"}));
     }
@@ -140,7 +142,7 @@ fn main() {
         let (with, st) = applies(&g, true);
         let (without, _) = applies(&g, false);
         println!(
-            "{tasks} tasks: stopped per apply {with:.0} us with the pre-scan ({st}), {without:.0} us unwinding every stack in the stop (medians of 5)"
+            "{tasks} tasks: stopped per apply {with:.0} us with the pre-scan ({st}), {without:.0} us unwinding every stack in the stop (medians of 9)"
         );
         let (first, check, cst, done) = transition(&mut g);
         println!(

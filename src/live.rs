@@ -113,6 +113,9 @@ pub const PATCH_VERBS: &[&str] = &["apply", "disable", "enable", "remove", "list
 const MAX_STEP_OUT: u32 = 400;
 /// Stops an attempt gives up when a task switched since its pre-scan.
 const QUIET_RETRIES: u32 = 3;
+/// Pre-scans an attempt takes again, before stopping, when the guest
+/// switched tasks since the walk.
+const PRESCAN_RETAKES: u32 = 5;
 const STEP_BATCH: u32 = 20;
 /// Pause between safe-point attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(5);
@@ -257,6 +260,9 @@ struct StackCounts {
     /// Stops given up at once because a task had switched since the
     /// pre-scan (the guest ran on and was pre-scanned again).
     stops_retried: u32,
+    /// Pre-scans taken again before stopping, because the counts read
+    /// while the guest ran showed a switch since the walk.
+    prescans_retaken: u32,
 }
 
 /// A patch operation waiting for a safe point.
@@ -1476,7 +1482,23 @@ impl State {
         // pre-scan is used as it is (the tests' races depend on it).
         let mut stopped_for = Duration::ZERO;
         let mut retried = 0u32;
+        let mut retaken = 0u32;
         let (paused, stopped, mut outcome) = loop {
+            // A switch since the pre-scan's walk is seen without stopping
+            // too (the counts read while the guest runs): pre-scan again
+            // first, rather than stop only to give up.
+            if !is_held && retaken < PRESCAN_RETAKES {
+                if let Some(p) = prescan.as_ref() {
+                    if !self.with_running_kernel(vm, |_, k| Ok(p.quiet_now(k))).unwrap_or(true) {
+                        retaken += 1;
+                        if let Some(op) = self.pending.as_mut() {
+                            op.last_prescan = prescan.take();
+                        }
+                        prescan = self.prescan(vm);
+                        continue;
+                    }
+                }
+            }
             let paused = match vm.pause() {
                 Ok(p) => p,
                 Err(e) => return Some(Err(e.to_string())),
@@ -1526,6 +1548,7 @@ impl State {
         let op = self.pending.as_mut()?;
         if let Some(c) = op.stack_counts.as_mut() {
             c.stops_retried = retried;
+            c.prescans_retaken = retaken;
         }
         op.last_stop_us = Some(stopped_for.as_secs_f64() * 1e6);
         op.last_prescan = prescan;
@@ -1619,6 +1642,7 @@ impl State {
                 unwound_in_stop: unwound,
                 no_switch_since_prescan: prescan.is_some() && g.quiet(),
                 stops_retried: 0,
+                prescans_retaken: 0,
             });
             r.map(Some)
         });

@@ -115,6 +115,10 @@ pub struct Prescan {
     unsettled: Vec<u64>,
     /// The `patch_state` offset the walk read each task's at.
     patch_state_off: Option<u64>,
+    /// The pre-scanned tasks by the `patch_state` the walk read: a quiet
+    /// transition step finds those not yet moved without looking at the
+    /// others.
+    by_state: BTreeMap<i32, Vec<u64>>,
 }
 
 impl Prescan {
@@ -173,7 +177,13 @@ impl Prescan {
             seen.insert(t.addr, Seen { pid: t.pid, comm: t.comm.clone(), marks, frames, patch_state });
         }
         let by_ip = index_by_ip(&seen);
-        Ok(Prescan { seen, by_ip, walked: tasks.len(), carried, quiet_switches, unsettled, patch_state_off })
+        let mut by_state: BTreeMap<i32, Vec<u64>> = BTreeMap::new();
+        for (addr, s) in &seen {
+            if let Some(v) = s.patch_state {
+                by_state.entry(v).or_default().push(*addr);
+            }
+        }
+        Ok(Prescan { seen, by_ip, walked: tasks.len(), carried, quiet_switches, unsettled, patch_state_off, by_state })
     }
 
     /// Whether no CPU switched tasks since before the walk (`k`: the
@@ -332,11 +342,14 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
                 tasks.push((t.clone(), v));
             }
         }
-        for (addr, s) in &self.prescan.seen {
-            let Some(v) = s.patch_state else { return Ok(None) };
-            if wanted(v) {
-                if let Some(t) = self.seen_ref(*addr, s) {
-                    tasks.push((t, v));
+        // With the offset known, the walk read every pre-scanned task's value.
+        for (v, addrs) in &self.prescan.by_state {
+            if !wanted(*v) {
+                continue;
+            }
+            for addr in addrs {
+                if let Some(t) = self.prescan.seen.get(addr).and_then(|s| self.seen_ref(*addr, s)) {
+                    tasks.push((t, *v));
                 }
             }
         }

@@ -245,11 +245,16 @@ impl Patcher {
         // Only tasks not yet where the transition goes (a pre-scanned view
         // reads no other task in a stop where none of them ran).
         let moving = g.tasks_in_state(ps_off, &|state| !(state == to || (reversed && state != from)))?;
+        // Only a task the view names for a check against `ranges` can be in
+        // that code (every task, unless a pre-scan knows better).
+        let suspects: std::collections::HashSet<u64> =
+            if tr.state.forced() { Default::default() } else { g.tasks_to_check(ranges)?.iter().map(|t| t.addr.0).collect() };
         let mut marks = WritePlan::new();
         let mut blockers = Vec::new();
         for (t, _) in &moving.tasks {
             let addr = t.addr.offset(ps_off)?;
-            match if tr.state.forced() { None } else { blocker(g, ranges, t) } {
+            let suspect = suspects.contains(&t.addr.0);
+            match if tr.state.forced() || !suspect { None } else { blocker(g, ranges, t) } {
                 None => marks.virt(addr, &to.to_le_bytes()),
                 Some(b) => blockers.push(b),
             }
