@@ -374,6 +374,8 @@ fn outside_tasks(g: &Guest, vcpus: usize) -> BTreeSet<(i32, i32, String)> {
         out.insert((pid, tgid, comm));
     }
     assert!(per_vcpu.iter().all(|n| *n == 1), "tasks running per vCPU: {per_vcpu:?}\n{ps}");
+    // Running or not: a secondary CPU's idle task is on no task list.
+    assert_eq!(idle.len(), vcpus, "every vCPU's idle task is listed: {idle:?}\n{ps}");
     out
 }
 

@@ -66,8 +66,28 @@ fn a_stop_after_a_quiet_prescan_reads_only_the_tasks_that_may_have_run() {
 
 #[test]
 fn a_per_task_transition_checks_only_the_tasks_still_to_move() {
-    let snap = ready_snapshot(1);
-    let mut g = Guest::restore("prescan-transition", &snap);
+    transition_checks_only_the_tasks_still_to_move(1);
+}
+
+/// With two vCPUs the second CPU's idle task, on no task list, moves too,
+/// and its mark is cleared at the end: a per-task transition can start
+/// again (it refuses while any task has a mark).
+#[test]
+fn a_per_task_transition_on_two_vcpus_leaves_no_mark() {
+    let mut g = transition_checks_only_the_tasks_still_to_move(2);
+    let r = g.api_ok(json!({"verb": "disable", "name": "hp_patch_sleep", "per_task": true, "wait": true}));
+    assert_eq!(r["state"], json!("done"), "{r}");
+    // The guest's own livepatch checks every task, idle ones too.
+    let from = g.console_len();
+    g.sh("insmod /modules/livepatch-sample.ko");
+    assert_eq!(g.sh("read l < /proc/cmdline; echo $l"), "this has been live patched");
+    let log = g.console_text().get(from..).unwrap_or_default().to_string();
+    assert!(!log.contains("WARNING") && !log.contains("BUG"), "{log}");
+}
+
+fn transition_checks_only_the_tasks_still_to_move(vcpus: u32) -> Guest {
+    let snap = ready_snapshot(vcpus);
+    let mut g = Guest::restore(&format!("prescan-transition{vcpus}"), &snap);
     g.wait_api();
     g.sh("echo 'block 10' > /proc/hp_racer");
     // All ten asleep in hp_block_wait.
@@ -109,6 +129,7 @@ fn a_per_task_transition_checks_only_the_tasks_still_to_move() {
     let f = l["patches"][0]["functions"].as_array().unwrap().iter().find(|f| f["old_name"] == json!("hp_block_wait")).cloned().unwrap();
     let site = g.api_ok(json!({"verb": "ftrace", "function": "hp_block_wait"}));
     assert_eq!(site["insn"]["Jmp"]["target"], f["new_addr"], "the site jumps straight to the patch: {site}");
+    g
 }
 
 /// Holds an apply of hp_patch_sleep after its pre-scan; returns when held.

@@ -294,6 +294,17 @@ impl Kernel<'_> {
         self.walk_tasks(false)
     }
 
+    /// Every vCPU's idle task (`rq->idle` of its runqueue).
+    pub fn idle_tasks(&self) -> Result<Vec<u64>> {
+        let off = self.off("rq", "idle")?;
+        (0..self.cpus.len())
+            .map(|cpu| {
+                let rq = self.per_cpu("runqueues", cpu)?;
+                self.read_ptr(rq, off)
+            })
+            .collect()
+    }
+
     fn walk_tasks(&self, names: bool) -> Result<Vec<Task>> {
         let l = TaskLayout::from_btf(self)?;
         let init = self.sym("init_task")?;
@@ -336,11 +347,19 @@ impl Kernel<'_> {
                 if let Some(t) = out.iter_mut().find(|t| t.addr == cur) {
                     t.running_on = Some(cpu);
                 } else if cur != 0 && seen.insert(cur) {
-                    // The idle task of a secondary CPU is on no list.
                     let mut t = self.task_at_named(&l, cur, names)?;
                     t.running_on = Some(cpu);
                     out.push(t);
                 }
+            }
+        }
+        // The idle task of a secondary CPU is on no list: every CPU's
+        // (`rq->idle`) is a task too, running or not, as Linux's livepatch
+        // checks `idle_task(cpu)`. As with the current tasks, per-cpu data
+        // that cannot be read leaves them out rather than failing the walk.
+        for idle in self.idle_tasks().unwrap_or_default() {
+            if idle != 0 && seen.insert(idle) {
+                out.push(self.task_at_named(&l, idle, names)?);
             }
         }
         Ok(out)
