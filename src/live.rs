@@ -1466,6 +1466,16 @@ impl State {
             Some(p) => Some(p),
             None => self.prescan(vm),
         };
+        // A pre-scan that unwound most stacks itself (the operation's first)
+        // is taken once more, carrying them over: the stop then follows a
+        // short walk that reads only each task's counts, not a long one
+        // that read every stack (and took the host's caches with it).
+        if !is_held && prescan.as_ref().is_some_and(|p| p.carried.saturating_mul(2) < p.walked) {
+            if let Some(op) = self.pending.as_mut() {
+                op.last_prescan = prescan.take();
+            }
+            prescan = self.prescan(vm);
+        }
         if let Some(op) = self.pending.as_mut() {
             if op.hold_after_prescan {
                 if op.start.elapsed() >= op.timeout {
