@@ -187,6 +187,18 @@ fn bad_input_is_refused_and_leaves_the_guest_untouched() {
     std::fs::write(&p, &nosym).unwrap();
     let e = err(&g, p.to_str().unwrap());
     assert!(e.contains("seq_printX"), "{e}");
+    // A section the module loader processes and hyperpatch does not:
+    // .exit.data renamed to __ex_table (the same length).
+    let mut extable = good.clone();
+    let positions: Vec<usize> = extable.windows(11).enumerate().filter(|(_, w)| *w == b".exit.data\0").map(|(i, _)| i).collect();
+    assert!(!positions.is_empty());
+    for pos in positions {
+        extable[pos..pos + 10].copy_from_slice(b"__ex_table");
+    }
+    let p = d.join("extable.ko");
+    std::fs::write(&p, &extable).unwrap();
+    let e = err(&g, p.to_str().unwrap());
+    assert!(e.contains("section __ex_table is not processed") && e.contains("exception-table"), "{e}");
     // A site the guest traces.
     g.sh("echo cmdline_proc_show > /sys/kernel/tracing/set_ftrace_filter; echo function > /sys/kernel/tracing/current_tracer");
     let e = err(&g, &module("livepatch-sample.ko"));

@@ -9,6 +9,8 @@ pub enum PatchError {
     NotLivepatch { path: String, detail: String },
     #[error("{path}: malformed module: {detail}")]
     Malformed { path: String, detail: String },
+    #[error("{path}: section {section} is not processed by hyperpatch ({why}); the module is refused, nothing was changed")]
+    UnhandledSection { path: String, section: String, why: &'static str },
     #[error("{path}: relocation against {symbol:?}: {detail}")]
     Relocation { path: String, symbol: String, detail: String },
     #[error("symbol {name:?} needed by the patch is not in the guest kernel (module built for another kernel?)")]

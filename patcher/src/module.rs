@@ -182,18 +182,75 @@ impl ModuleLayout {
     }
 }
 
-fn section_kind(name: &str, flags: u64) -> SectionKind {
-    // Init and exit code and data are placed too: hyperpatch runs them.
+/// Allocated sections that the kernel's module loader processes and
+/// hyperpatch does not (yet): each refuses the module by name, with what
+/// the loader would have done with it.
+const UNHANDLED_SECTIONS: &[(&str, &str)] = &[
+    ("__ex_table", "exception-table entries the fault handler must find"),
+    ("__bug_table", "BUG/WARN entries report_bug must find"),
+    (".altinstructions", "alternatives applied against the CPU's features"),
+    (".altinstr_replacement", "alternatives applied against the CPU's features"),
+    (".altinstr_aux", "alternatives applied against the CPU's features"),
+    (".parainstructions", "paravirt patch sites"),
+    (".smp_locks", "lock prefixes the loader registers"),
+    ("__jump_table", "static branches that follow their keys"),
+    (".static_call_sites", "static call sites"),
+    (".static_call.text", "static call trampolines"),
+    (".retpoline_sites", "retpoline sites the loader rewrites"),
+    (".return_sites", "return-thunk sites the loader rewrites"),
+    (".call_sites", "call-depth tracking sites"),
+    (".ibt_endbr_seal", "IBT endbr sealing"),
+    (".data..percpu", "per-cpu data needs a per-cpu area from the guest's allocator"),
+    ("__ksymtab", "symbols the module exports"),
+    ("__kcrctab", "symbols the module exports"),
+    ("__ksymtab_strings", "symbols the module exports"),
+    ("__tracepoints", "tracepoints the loader registers"),
+    ("__tracepoints_ptrs", "tracepoints the loader registers"),
+    ("__tracepoints_strings", "tracepoints the loader registers"),
+    ("_ftrace_events", "trace events the loader registers"),
+    ("_ftrace_eval_map", "trace events the loader registers"),
+    ("__bpf_raw_tp_map", "BPF raw tracepoints the loader registers"),
+    ("__dyndbg", "dynamic debug sites the loader registers"),
+    ("__dyndbg_classes", "dynamic debug sites the loader registers"),
+    (".init_array", "constructors the loader runs"),
+    (".ctors", "constructors the loader runs"),
+    (".kunit_test_suites", "KUnit suites the loader registers"),
+    (".printk_index", "printk index entries the loader registers"),
+    ("__patchable_function_entries", "function entries the loader records"),
+    ("__kprobes", "kprobe blacklist entries"),
+    ("_kprobe_blacklist", "kprobe blacklist entries"),
+    ("_error_injection_whitelist", "error-injection entries"),
+    (".static_call_tramp_key", "static call keys"),
+];
+
+/// How an allocated section is placed, or why the module is refused.
+/// Placed: text, rodata, data and bss (with their init and exit forms),
+/// `__param` (parameters, set as the loader sets them), `.modinfo` and
+/// `.gnu.linkonce.this_module`; the ORC tables are registered with the
+/// unwinder. Every other allocated section is refused by name.
+fn section_kind(name: &str, flags: u64) -> std::result::Result<SectionKind, &'static str> {
+    // Read for what they say, not placed.
     let skip_prefixes = ["__mcount_loc", ".note", ".modinfo", "__versions", ".orc_unwind", ".BTF", ".discard"];
     if flags & u64::from(SHF_ALLOC) == 0 || skip_prefixes.iter().any(|p| name.starts_with(p)) {
-        SectionKind::Skip
-    } else if flags & u64::from(SHF_EXECINSTR) != 0 {
+        return Ok(SectionKind::Skip);
+    }
+    if let Some((_, why)) = UNHANDLED_SECTIONS.iter().find(|(n, _)| name == *n || name.starts_with(&format!("{n}_")) || name.starts_with(&format!("{n}."))) {
+        return Err(why);
+    }
+    // Init and exit code and data are placed too: hyperpatch runs them.
+    let plain = [".text", ".init.text", ".exit.text", ".sched.text", ".ref.text", ".noinstr.text", ".rodata", ".init.rodata",
+        ".data", ".init.data", ".exit.data", ".ref.data", ".bss", ".gnu.linkonce.this_module", "__param"];
+    let placed = plain.iter().any(|p| name == *p || name.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')));
+    if !placed || name.starts_with(".data..percpu") {
+        return Err("a section the module loader knows and hyperpatch does not");
+    }
+    Ok(if flags & u64::from(SHF_EXECINSTR) != 0 {
         SectionKind::Text
     } else if flags & u64::from(SHF_WRITE) != 0 {
         SectionKind::Data
     } else {
         SectionKind::Rodata
-    }
+    })
 }
 
 impl PatchModule {
@@ -214,7 +271,7 @@ impl PatchModule {
         let mut sections = Vec::new();
         for sh in &elf.section_headers {
             let name = elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("").to_string();
-            let kind = section_kind(&name, sh.sh_flags);
+            let kind = section_kind(&name, sh.sh_flags).map_err(|why| PatchError::UnhandledSection { path: path.into(), section: name.clone(), why })?;
             let data = if sh.sh_type == SHT_NOBITS {
                 if kind != SectionKind::Skip && sh.sh_size > MAX_MODULE_SIZE as u64 {
                     return Err(malformed(format!("section {name} claims {} bytes", sh.sh_size)));
@@ -394,5 +451,43 @@ impl PatchModule {
             return Err(self.err("__this_module has no name"));
         }
         Ok(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: u64 = SHF_ALLOC as u64;
+    const AX: u64 = (SHF_ALLOC | SHF_EXECINSTR) as u64;
+    const WA: u64 = (SHF_ALLOC | SHF_WRITE) as u64;
+
+    #[test]
+    fn sections_are_placed_skipped_or_refused_by_name() {
+        for (name, flags, kind) in [
+            (".text", AX, SectionKind::Text),
+            (".text.unlikely", AX, SectionKind::Text),
+            (".init.text", AX, SectionKind::Text),
+            (".rodata.str1.1", A, SectionKind::Rodata),
+            (".data", WA, SectionKind::Data),
+            (".data.once", WA, SectionKind::Data),
+            (".data..read_mostly", WA, SectionKind::Data),
+            (".exit.data", WA, SectionKind::Data),
+            (".gnu.linkonce.this_module", WA, SectionKind::Data),
+            ("__param", A, SectionKind::Rodata),
+            (".orc_unwind_ip", A, SectionKind::Skip),
+            ("__mcount_loc", A, SectionKind::Skip),
+            (".debug_info", 0, SectionKind::Skip),
+            ("__jump_table", 0, SectionKind::Skip),
+        ] {
+            assert_eq!(section_kind(name, flags), Ok(kind), "{name}");
+        }
+        for name in [
+            "__ex_table", "__bug_table", ".altinstructions", ".altinstr_replacement", ".parainstructions", ".smp_locks",
+            "__jump_table", ".static_call_sites", ".retpoline_sites", ".return_sites", ".data..percpu", "__ksymtab_gpl",
+            "__tracepoints", ".init_array", "__dyndbg", ".some_new_section", "text",
+        ] {
+            assert!(section_kind(name, WA).is_err(), "{name} must be refused");
+        }
     }
 }
