@@ -814,6 +814,15 @@ impl State {
         r
     }
 
+    /// Pre-scans again, carrying over from `prev` the stacks of tasks that
+    /// did not run since.
+    fn prescan_again(&mut self, vm: &Vm, prev: Option<Prescan>) -> Option<Prescan> {
+        if let Some(op) = self.pending.as_mut() {
+            op.last_prescan = prev;
+        }
+        self.prescan(vm)
+    }
+
     /// Runs guest function `function` with `args` in a kworker and waits
     /// (at most `timeout_secs`) for its result (the `call` verb).
     fn guest_call(&mut self, vm: &Vm, function: &str, args: &[patcher::guest_call::CallArg], timeout_secs: f64) -> Result<Value> {
@@ -1471,10 +1480,7 @@ impl State {
         // short walk that reads only each task's counts, not a long one
         // that read every stack (and took the host's caches with it).
         if !is_held && prescan.as_ref().is_some_and(|p| p.carried.saturating_mul(2) < p.walked) {
-            if let Some(op) = self.pending.as_mut() {
-                op.last_prescan = prescan.take();
-            }
-            prescan = self.prescan(vm);
+            prescan = self.prescan_again(vm, prescan.take());
         }
         if let Some(op) = self.pending.as_mut() {
             if op.hold_after_prescan {
@@ -1501,10 +1507,7 @@ impl State {
                 if let Some(p) = prescan.as_ref() {
                     if !self.with_running_kernel(vm, |_, k| Ok(p.quiet_now(k))).unwrap_or(true) {
                         retaken += 1;
-                        if let Some(op) = self.pending.as_mut() {
-                            op.last_prescan = prescan.take();
-                        }
-                        prescan = self.prescan(vm);
+                        prescan = self.prescan_again(vm, prescan.take());
                         continue;
                     }
                 }
@@ -1520,10 +1523,7 @@ impl State {
                     stopped_for += stopped.elapsed();
                     drop(paused);
                     retried += 1;
-                    if let Some(op) = self.pending.as_mut() {
-                        op.last_prescan = prescan.take();
-                    }
-                    prescan = self.prescan(vm);
+                    prescan = self.prescan_again(vm, prescan.take());
                 }
                 Ok(Some(o)) => break (paused, stopped, Ok(o)),
                 Err(e) => break (paused, stopped, Err(e)),

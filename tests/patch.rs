@@ -139,6 +139,19 @@ fn apply_works_with_guest_module_loading_disabled() {
     assert_eq!(read_cmdline(&mut g), "this has been live patched");
 }
 
+/// `bytes` with every occurrence of `from` replaced by `to` (the same
+/// length); there must be one.
+fn replace_all(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = bytes.to_vec();
+    let at: Vec<usize> = bytes.windows(from.len()).enumerate().filter(|(_, w)| *w == from).map(|(i, _)| i).collect();
+    assert!(!at.is_empty(), "{:?} is not in the module", String::from_utf8_lossy(from));
+    for i in at {
+        out[i..i + to.len()].copy_from_slice(to);
+    }
+    out
+}
+
 #[test]
 fn bad_input_is_refused_and_leaves_the_guest_untouched() {
     let snap = ready_snapshot(1);
@@ -177,24 +190,14 @@ fn bad_input_is_refused_and_leaves_the_guest_untouched() {
     let e = err(&g, p.to_str().unwrap());
     assert!(e.contains("cmdline_proc_shoX"), "{e}");
     // A symbol the new code needs is missing: seq_printf renamed.
-    let mut nosym = good.clone();
-    let positions: Vec<usize> = nosym.windows(12).enumerate().filter(|(_, w)| *w == b"\0seq_printf\0").map(|(i, _)| i + 1).collect();
-    assert!(!positions.is_empty());
-    for pos in positions {
-        nosym[pos..pos + 10].copy_from_slice(b"seq_printX");
-    }
+    let nosym = replace_all(&good, b"\0seq_printf\0", b"\0seq_printX\0");
     let p = d.join("nosym.ko");
     std::fs::write(&p, &nosym).unwrap();
     let e = err(&g, p.to_str().unwrap());
     assert!(e.contains("seq_printX"), "{e}");
     // A section the module loader processes and hyperpatch does not:
     // .exit.data renamed to __ex_table (the same length).
-    let mut extable = good.clone();
-    let positions: Vec<usize> = extable.windows(11).enumerate().filter(|(_, w)| *w == b".exit.data\0").map(|(i, _)| i).collect();
-    assert!(!positions.is_empty());
-    for pos in positions {
-        extable[pos..pos + 10].copy_from_slice(b"__ex_table");
-    }
+    let extable = replace_all(&good, b".exit.data\0", b"__ex_table\0");
     let p = d.join("extable.ko");
     std::fs::write(&p, &extable).unwrap();
     let e = err(&g, p.to_str().unwrap());

@@ -91,18 +91,7 @@ fn transition_checks_only_the_tasks_still_to_move(vcpus: u32) -> Guest {
     g.wait_api();
     g.sh("echo 'block 10' > /proc/hp_racer");
     // All ten asleep in hp_block_wait.
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        let n = st.as_array().into_iter().flatten().filter(|t| {
-            t["frames"].as_array().into_iter().flatten().any(|f| f["symbol"].as_str().unwrap_or("").starts_with("hp_block_wait+"))
-        });
-        if n.count() == 10 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "ten tasks never slept in hp_block_wait: {st}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_eq!(wait_for_frames(&g, "frames", "hp_block_wait+", 10).len(), 10);
     let tasks = g.api_ok(json!({"verb": "ps"})).as_array().map(|a| a.len()).unwrap() as u64;
     let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "per_task": true}));
     assert_eq!(r["state"], json!("per-task transition"), "{r}");

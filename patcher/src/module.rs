@@ -229,7 +229,9 @@ const UNHANDLED_SECTIONS: &[(&str, &str)] = &[
 /// `.gnu.linkonce.this_module`; the ORC tables are registered with the
 /// unwinder. Every other allocated section is refused by name.
 fn section_kind(name: &str, flags: u64) -> std::result::Result<SectionKind, &'static str> {
-    // Read for what they say, not placed.
+    // Not placed: metadata (.modinfo and the ORC tables are read), debug
+    // info, and the patch's own ftrace call sites (`__mcount_loc`: its
+    // `__fentry__` calls stay calls, and the guest's ftrace never sees them).
     let skip_prefixes = ["__mcount_loc", ".note", ".modinfo", "__versions", ".orc_unwind", ".BTF", ".discard"];
     if flags & u64::from(SHF_ALLOC) == 0 || skip_prefixes.iter().any(|p| name.starts_with(p)) {
         return Ok(SectionKind::Skip);

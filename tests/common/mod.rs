@@ -84,16 +84,26 @@ pub fn apply(g: &Guest, m: &str, extra: Value) -> Value {
 /// `all_frames`) has a frame in a function starting with `prefix`; returns
 /// its pid.
 pub fn wait_for_frame(g: &Guest, frames: &str, prefix: &str) -> i64 {
+    wait_for_frames(g, frames, prefix, 1)[0]
+}
+
+/// Waits until `n` tasks have a frame starting with `prefix` (as
+/// [`wait_for_frame`]); their pids.
+pub fn wait_for_frames(g: &Guest, frames: &str, prefix: &str, n: usize) -> Vec<i64> {
     let deadline = Instant::now() + CMD_TIMEOUT;
     loop {
         let st = g.api_ok(json!({"verb": "stack", "target": "all"}));
-        let found = st.as_array().into_iter().flatten().find(|t| {
-            t[frames].as_array().into_iter().flatten().any(|f| f["symbol"].as_str().unwrap_or("").starts_with(prefix))
-        });
-        if let Some(t) = found {
-            return t["pid"].as_i64().unwrap();
+        let found: Vec<i64> = st
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t[frames].as_array().into_iter().flatten().any(|f| f["symbol"].as_str().unwrap_or("").starts_with(prefix)))
+            .filter_map(|t| t["pid"].as_i64())
+            .collect();
+        if found.len() >= n {
+            return found;
         }
-        assert!(Instant::now() < deadline, "no task ever ran in {prefix}");
+        assert!(Instant::now() < deadline, "{} of {n} tasks ever ran in {prefix}", found.len());
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -57,6 +57,18 @@ pub struct StackFrame {
     pub is_return: bool,
 }
 
+impl StackFrame {
+    /// The code address the frame is in: a return address may sit just
+    /// past its function's end.
+    pub fn code_ip(&self) -> u64 {
+        if self.is_return {
+            self.ip.saturating_sub(1)
+        } else {
+            self.ip
+        }
+    }
+}
+
 /// A task's unwound stack.
 #[derive(Clone, Debug)]
 pub struct TaskFrames {
@@ -67,11 +79,19 @@ pub struct TaskFrames {
 }
 
 /// Tasks with their `patch_state`, from [`GuestTasks::tasks_in_state`].
-#[derive(Clone, Debug, Default)]
-pub struct TaskStates {
-    pub tasks: Vec<(TaskRef, i32)>,
-    /// Every task of the guest was read (not only those that may match).
-    pub whole: bool,
+pub type TaskStates = Vec<(TaskRef, i32)>;
+
+/// Every task of `g` (its task list, read now) whose `patch_state` at
+/// `ps_off` `wanted` accepts, with that value.
+pub fn states_of_all(g: &(impl GuestTasks + ?Sized), ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
+    let mut out = Vec::new();
+    for t in g.tasks()? {
+        let v = g.read_i32(t.addr.offset(ps_off)?)?;
+        if wanted(v) {
+            out.push((t, v));
+        }
+    }
+    Ok(out)
 }
 
 /// Tasks and stacks of a stopped guest, and the kernel facts the per-task
@@ -89,17 +109,10 @@ pub trait GuestTasks: GuestMem {
     }
     /// The tasks whose `patch_state` (at offset `ps_off`) may be one that
     /// `wanted` accepts, each with its value. A view that knows the others'
-    /// values cannot have changed may leave them out, and says so with
-    /// `whole: false`; by default every task is read now.
+    /// values cannot have changed may leave them out; by default every
+    /// task is read now.
     fn tasks_in_state(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
-        let mut tasks = Vec::new();
-        for t in self.tasks()? {
-            let v = self.read_i32(t.addr.offset(ps_off)?)?;
-            if wanted(v) {
-                tasks.push((t, v));
-            }
-        }
-        Ok(TaskStates { tasks, whole: true })
+        states_of_all(self, ps_off, wanted)
     }
     /// `t`'s stack, from its vCPU when it runs, else from its saved state.
     fn stack(&self, t: &TaskRef) -> TaskFrames;

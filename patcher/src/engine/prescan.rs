@@ -46,7 +46,7 @@ use introspect::tasks::{RunMarks, Task};
 use introspect::translate::KernelMemory;
 
 use crate::addr::{GuestPhys, GuestVirt};
-use crate::engine::guest_view::{GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef, TaskStates};
+use crate::engine::guest_view::{states_of_all, GuestMem, GuestTasks, LiveGuest, StackFrame, TaskFrames, TaskRef, TaskStates};
 use crate::engine::safety::CodeRange;
 use crate::error::Result;
 
@@ -73,22 +73,12 @@ fn cpu_switches(k: &Kernel<'_>) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// The code address a frame is in (a return address may sit just past
-/// its function's end), as the stack check compares it.
-fn code_ip(f: &StackFrame) -> u64 {
-    if f.is_return {
-        f.ip.saturating_sub(1)
-    } else {
-        f.ip
-    }
-}
-
 /// Every code address on the stacks of `seen`, with the tasks holding it.
 fn index_by_ip(seen: &HashMap<u64, Seen>) -> BTreeMap<u64, Vec<u64>> {
     let mut by_ip: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for (addr, s) in seen {
         for f in &s.frames.frames {
-            let v = by_ip.entry(code_ip(f)).or_default();
+            let v = by_ip.entry(f.code_ip()).or_default();
             if v.last() != Some(addr) {
                 v.push(*addr);
             }
@@ -353,7 +343,7 @@ impl<'a, 'm> PrescannedGuest<'a, 'm> {
                 }
             }
         }
-        Ok(Some(TaskStates { tasks, whole: false }))
+        Ok(Some(tasks))
     }
 }
 
@@ -393,14 +383,7 @@ impl GuestTasks for PrescannedGuest<'_, '_> {
                 return Ok(t);
             }
         }
-        let mut tasks = Vec::new();
-        for t in self.live.tasks()? {
-            let v = self.read_i32(t.addr.offset(ps_off)?)?;
-            if wanted(v) {
-                tasks.push((t, v));
-            }
-        }
-        Ok(TaskStates { tasks, whole: true })
+        states_of_all(self, ps_off, wanted)
     }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         if let Some(task) = self.singles.borrow().get(&t.addr.0) {
@@ -498,7 +481,7 @@ mod tests {
         assert!(p.in_ranges(&[r(0x3000, 0x100), r(u64::MAX, 0)]).is_empty());
         // The stack check agrees with the index on every task.
         for (addr, s) in &p.seen {
-            let hit = s.frames.frames.iter().any(|fr| r(0x1000, 0x100).contains(code_ip(fr)));
+            let hit = s.frames.frames.iter().any(|fr| r(0x1000, 0x100).contains(fr.code_ip()));
             assert_eq!(hit, p.in_ranges(&[r(0x1000, 0x100)]).contains(addr), "task {addr:#x}");
         }
     }

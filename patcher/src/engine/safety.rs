@@ -58,9 +58,7 @@ pub(crate) fn blocker(g: &dyn GuestTasks, ranges: &[CodeRange], t: &TaskRef) -> 
         });
     }
     for f in &st.frames {
-        // A return address may sit just past its function's end.
-        let ip = if f.is_return { f.ip.saturating_sub(1) } else { f.ip };
-        if let Some(r) = ranges.iter().find(|r| r.contains(ip)) {
+        if let Some(r) = ranges.iter().find(|r| r.contains(f.code_ip())) {
             return Some(Blocker {
                 pid: t.pid,
                 comm: t.comm.clone(),

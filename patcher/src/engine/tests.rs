@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use introspect::ftrace::NOP5;
 
-use super::guest_view::{GuestMem, GuestTasks, StackFrame, TaskFrames, TaskRef, TaskStates};
+use super::guest_view::{states_of_all, GuestMem, GuestTasks, StackFrame, TaskFrames, TaskRef, TaskStates};
 use super::resolve::ResolvedFunc;
 use super::transition::{STUB_SIZE, TASK_MIGRATED, TASK_UNDEFINED};
 use super::*;
@@ -178,24 +178,11 @@ impl GuestTasks for FakeGuest {
             .collect())
     }
     fn tasks_in_state(&self, ps_off: u64, wanted: &dyn Fn(i32) -> bool) -> Result<TaskStates> {
-        let Some(pids) = self.partial.borrow().clone() else {
-            let mut tasks = Vec::new();
-            for t in self.tasks()? {
-                let v = self.read_i32(t.addr.offset(ps_off)?)?;
-                if wanted(v) {
-                    tasks.push((t, v));
-                }
-            }
-            return Ok(TaskStates { tasks, whole: true });
-        };
-        let mut tasks = Vec::new();
-        for t in self.tasks()?.into_iter().filter(|t| pids.contains(&t.pid)) {
-            let v = self.read_i32(t.addr.offset(ps_off)?)?;
-            if wanted(v) {
-                tasks.push((t, v));
-            }
-        }
-        Ok(TaskStates { tasks, whole: false })
+        let all = states_of_all(self, ps_off, wanted)?;
+        Ok(match self.partial.borrow().as_ref() {
+            Some(pids) => all.into_iter().filter(|(t, _)| pids.contains(&t.pid)).collect(),
+            None => all,
+        })
     }
     fn stack(&self, t: &TaskRef) -> TaskFrames {
         let tasks = self.tasks.borrow();

@@ -158,7 +158,7 @@ impl Patcher {
         if g.guest_klp_in_transition()? {
             return Err(PatchError::State("the guest's own livepatch is in a transition; try again later".into()));
         }
-        if let Some((t, v)) = g.tasks_in_state(ps_off, &|v| v != TASK_UNDEFINED)?.tasks.first() {
+        if let Some((t, v)) = g.tasks_in_state(ps_off, &|v| v != TASK_UNDEFINED)?.first() {
             return Err(PatchError::State(format!("task {} has patch_state {v}: a livepatch transition of the guest runs", t.pid)));
         }
         let mut new_ranges = Vec::new();
@@ -251,7 +251,7 @@ impl Patcher {
             if tr.state.forced() { Default::default() } else { g.tasks_to_check(ranges)?.iter().map(|t| t.addr.0).collect() };
         let mut marks = WritePlan::new();
         let mut blockers = Vec::new();
-        for (t, _) in &moving.tasks {
+        for (t, _) in &moving {
             let addr = t.addr.offset(ps_off)?;
             let suspect = suspects.contains(&t.addr.0);
             match if tr.state.forced() || !suspect { None } else { blocker(g, ranges, t) } {
