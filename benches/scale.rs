@@ -49,7 +49,7 @@ fn applies(g: &Guest, prescan: bool) -> (f64, Value) {
 /// their leaving to the transition's end.
 fn transition(g: &mut Guest) -> (f64, f64, Value, f64) {
     g.sh("echo 'block 10' > /proc/hp_racer");
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for_frames(g, "frames", "hp_block_wait+", 10);
     let r = g.api_ok(json!({"verb": "apply", "path": module("hp_patch_sleep.ko"), "per_task": true}));
     assert_eq!(r["state"], json!("per-task transition"), "{r}");
     let mut first = None;
