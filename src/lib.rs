@@ -4,3 +4,4 @@
 pub mod guest;
 pub mod inspect;
 pub mod live;
+pub mod table_cache;

@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use patcher::guest::GuestWriter;
 use introspect::translate::KernelMemory;
+use crate::table_cache::{TableCache, TablesOrigin};
 use patcher::lifecycle::CallbackKind;
 use patcher::{ApplyOptions, Outcome, PatchError, PatchModule, Patcher};
 use std::time::{Duration, Instant};
@@ -338,6 +339,11 @@ struct SavedState {
 /// What the worker owns: the patcher and the operation in flight.
 struct State {
     cache: Option<(Kallsyms, Btf)>,
+    /// Where `cache` is read from: the host's cache of decoded tables,
+    /// keyed by the guest's own bytes, or the guest's memory.
+    tables: TableCache,
+    /// How `cache` was filled.
+    tables_origin: Option<TablesOrigin>,
     /// vmlinux's ORC tables, read once while the guest runs.
     vmlinux_orc: Option<OrcTables>,
     /// Every vCPU's registers at the last stop: a view of the running
@@ -377,6 +383,7 @@ struct ListView {
     finished: Option<Finished>,
     reserved_used: u64,
     region_mapped: bool,
+    kernel_tables: Option<TablesOrigin>,
 }
 
 #[derive(Clone)]
@@ -447,16 +454,16 @@ pub struct GuestApi {
 
 impl GuestApi {
     /// Starts the worker for `vm`.
-    pub fn new(vm: &Arc<Vm>) -> Result<GuestApi> {
+    pub fn new(vm: &Arc<Vm>, tables: TableCache) -> Result<GuestApi> {
         let l = vm.layout();
-        Self::start(vm, Patcher::new(l.reserved_start(), l.reserved_size), None, None)
+        Self::start(vm, Patcher::new(l.reserved_start(), l.reserved_size), None, None, tables)
     }
 
     /// Starts the worker for a VM restored from a snapshot, with the state
     /// saved in it (`vmm::snapshot::extension_state`). A per-task transition
     /// that was running goes on; an operation that was only waiting for a
     /// safe point waits on (an apply's module stays loaded meanwhile).
-    pub fn restored(vm: &Arc<Vm>, saved: Value) -> Result<GuestApi> {
+    pub fn restored(vm: &Arc<Vm>, saved: Value, tables: TableCache) -> Result<GuestApi> {
         #[derive(Deserialize)]
         struct Versions {
             version: u64,
@@ -512,12 +519,12 @@ impl GuestApi {
             None if s.patcher.in_transition().is_some() => bail!("the snapshot's patcher state is inconsistent: a per-task transition without its operation"),
             None => None,
         };
-        Self::start(vm, s.patcher, pending, finished)
+        Self::start(vm, s.patcher, pending, finished, tables)
     }
 
-    fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>) -> Result<GuestApi> {
+    fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>, tables: TableCache) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, vmlinux_orc: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
+            state: Mutex::new(State { cache: None, tables, tables_origin: None, vmlinux_orc: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -561,6 +568,7 @@ impl GuestApi {
             "patches": v.patches,
             "reserved_used": v.reserved_used,
             "region_mapped": v.region_mapped,
+            "kernel_tables": v.kernel_tables,
         })
     }
 }
@@ -713,6 +721,7 @@ impl Shared {
             finished: st.finished.clone(),
             reserved_used: p.reserved_used(),
             region_mapped: p.region_mapped(),
+            kernel_tables: st.tables_origin.clone(),
         };
         *lock(&self.view) = view;
     }
@@ -730,7 +739,11 @@ impl State {
         let mem = LiveMemory(paused.memory());
         let k = match self.cache.take() {
             Some((syms, btf)) => Kernel::from_parts(&mem, cpus, syms, btf)?,
-            None => Kernel::open(&mem, cpus).context("reading the guest kernel")?,
+            None => {
+                let (k, origin) = self.tables.open_kernel(&mem, cpus).context("reading the guest kernel")?;
+                self.tables_origin = Some(origin);
+                k
+            }
         };
         let w = LiveWriter(paused.memory());
         let r = f(&mut self.patcher, &k, &w);
@@ -770,9 +783,10 @@ impl State {
             Err(_) => return,
         };
         let mem = LiveMemory(vm.memory());
-        if let Ok(k) = Kernel::open(&mem, cpus.clone()) {
+        if let Ok((k, origin)) = self.tables.open_kernel(&mem, cpus.clone()) {
             let Kernel { syms, btf, .. } = k;
             self.cache = Some((syms, btf));
+            self.tables_origin = Some(origin);
             self.last_cpus = Some(cpus);
         }
     }

@@ -153,6 +153,24 @@ struct RunArgs {
     /// Write the guest console to this file instead of stdout.
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Host cache of decoded kernel tables (kallsyms, BTF), shared by every
+    /// VMM and keyed by the guest's own bytes (default
+    /// ~/.cache/hyperpatch/kernel-tables).
+    #[arg(long, conflicts_with = "no_table_cache")]
+    table_cache: Option<PathBuf>,
+    /// Decode the kernel tables from the guest every time, without the cache.
+    #[arg(long)]
+    no_table_cache: bool,
+}
+
+/// The table cache `run` and `demo` use.
+fn table_cache(dir: Option<&Path>, off: bool) -> hyperpatch::table_cache::TableCache {
+    use hyperpatch::table_cache::TableCache;
+    match (off, dir) {
+        (true, _) => TableCache::disabled(),
+        (false, Some(d)) => TableCache::for_this_build(d),
+        (false, None) => TableCache::default_root().map_or_else(TableCache::disabled, |r| TableCache::for_this_build(&r)),
+    }
 }
 
 fn main() -> ExitCode {
@@ -275,6 +293,7 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout()),
     };
+    let tables = table_cache(args.table_cache.as_deref(), args.no_table_cache);
     // The patcher's state is read (and its version checked) before the
     // VM is restored, so a snapshot this hyperpatch cannot carry on is
     // refused before any guest code runs.
@@ -309,8 +328,8 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
     };
     let vm = std::sync::Arc::new(vm);
     let api = match saved {
-        Some(state) => hyperpatch::live::GuestApi::restored(&vm, state).context("restoring the patcher's state")?,
-        None => hyperpatch::live::GuestApi::new(&vm)?,
+        Some(state) => hyperpatch::live::GuestApi::restored(&vm, state, tables).context("restoring the patcher's state")?,
+        None => hyperpatch::live::GuestApi::new(&vm, tables)?,
     };
     let ctl = Controller::new(vm, api_sock, true, std::sync::Arc::new(api))?;
     match ctl.run()? {
@@ -395,7 +414,7 @@ fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
         Ok(body)
     };
     let before = show(&vm, "before")?;
-    let api = hyperpatch::live::GuestApi::new(&vm)?;
+    let api = hyperpatch::live::GuestApi::new(&vm, table_cache(None, false))?;
     let t = std::time::Instant::now();
     let r = api.call(&vm, &json!({"verb": "apply", "path": module, "wait": true})).map_err(|e| anyhow!("{e}"))?;
     eprintln!(

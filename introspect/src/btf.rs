@@ -11,7 +11,7 @@
 //! member path (`"thread.sp"`, `"se.on_rq"`), where members of anonymous
 //! structs and unions are reachable as if they were members of the parent.
 
-use std::collections::HashMap;
+use crate::name_index::NameIndex;
 
 use crate::error::{IntrospectError, Result};
 use crate::translate::KernelMemory;
@@ -84,7 +84,7 @@ fn corrupt(msg: impl Into<String>) -> IntrospectError {
 }
 
 /// A member as the guest's BTF lays it out.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct RawMember {
     name_off: u32,
     type_id: u32,
@@ -92,19 +92,19 @@ struct RawMember {
     bitfield_size: u8,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Enumerator {
     name_off: u32,
     value: i64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Param {
     name_off: u32,
     type_id: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct SecVar {
     type_id: u32,
     offset: u32,
@@ -112,7 +112,7 @@ struct SecVar {
 }
 
 /// Kinds that only refer to another type and add a name or qualifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Link {
     Typedef,
     Volatile,
@@ -121,7 +121,7 @@ enum Link {
     TypeTag,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 enum Kind {
     Void,
     Int { size: u32, encoding: u8 },
@@ -139,7 +139,7 @@ enum Kind {
     DeclTag { target: u32, component: i32 },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Type {
     name_off: u32,
     kind: Kind,
@@ -224,14 +224,17 @@ pub struct MemberDesc {
     pub type_id: u32,
 }
 
-/// A parsed, validated BTF blob with a name index.
+/// A parsed, validated BTF blob with a name index. Serializable with its
+/// indexes, for a host-side cache keyed by the blob's bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Btf {
     /// Indexed by type id; id 0 is `void`.
     types: Vec<Type>,
+    #[serde(with = "serde_bytes")]
     strings: Vec<u8>,
-    by_name: HashMap<String, Vec<u32>>,
+    by_name: NameIndex<u32>,
     /// Every enumerator's values by name (for lookups without the enum's name).
-    enumerators: HashMap<String, Vec<i64>>,
+    enumerators: NameIndex<(u32, i64)>,
 }
 
 impl std::fmt::Debug for Btf {
@@ -339,7 +342,7 @@ impl Btf {
             let id = types.len();
             types.push(parse_type(&mut cur, id)?);
         }
-        let mut btf = Btf { types, strings: strings.to_vec(), by_name: HashMap::new(), enumerators: HashMap::new() };
+        let mut btf = Btf { types, strings: strings.to_vec(), by_name: NameIndex::default(), enumerators: NameIndex::default() };
         btf.validate()?;
         btf.index_names();
         Ok(btf)
@@ -348,13 +351,19 @@ impl Btf {
     /// Reads and parses the guest's BTF between `start` (`__start_BTF`) and
     /// `end` (`__stop_BTF`).
     pub fn from_memory(mem: &dyn KernelMemory, start: u64, end: u64) -> Result<Btf> {
+        Btf::parse(Btf::read_blob(mem, start, end)?)
+    }
+
+    /// The raw blob between `start` and `end`, bounded, not parsed (a cache
+    /// keyed by these bytes decides whether to parse them).
+    pub fn read_blob(mem: &dyn KernelMemory, start: u64, end: u64) -> Result<Vec<u8>> {
         let len =
             end.checked_sub(start).ok_or_else(|| corrupt(format!("BTF end {end:#x} is below its start {start:#x}")))?;
         if len > MAX_BTF_SIZE {
             return Err(corrupt(format!("BTF of {len} bytes exceeds the {MAX_BTF_SIZE}-byte limit")));
         }
         let len = usize::try_from(len).map_err(|_| IntrospectError::Overflow(end))?;
-        Btf::parse(mem.read_bytes(start, len)?)
+        mem.read_bytes(start, len)
     }
 
     /// Number of type ids, `void` (id 0) included.
@@ -366,7 +375,7 @@ impl Btf {
     /// floats, forward declarations, functions, variables, data sections)
     /// called `name`.
     pub fn ids_by_name(&self, name: &str) -> &[u32] {
-        self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
+        self.by_name.get(name.as_bytes(), |&id| self.name_bytes(self.types.get(id as usize).map_or(0, |t| t.name_off)))
     }
 
     /// The name of type `id` as BTF records it (empty when anonymous).
@@ -554,7 +563,7 @@ impl Btf {
         let no_member = |ty: &str| IntrospectError::NoMember { ty: ty.to_string(), member: enumerator.to_string() };
         let Some(enum_name) = enum_name.filter(|n| !n.trim().is_empty()) else {
             let mut found: Option<i64> = None;
-            for &v in self.enumerators.get(enumerator).map(Vec::as_slice).unwrap_or(&[]) {
+            for &(_, v) in self.enumerators.get(enumerator.as_bytes(), |&(off, _)| self.name_bytes(off)) {
                 match found {
                     Some(prev) if prev != v => {
                         return Err(corrupt(format!("enumerator {enumerator} has two values ({prev}, {v})")))
@@ -645,6 +654,12 @@ impl Btf {
     /// so the empty fallback is never taken for them.
     /// Names are at most [`MAX_NAME_LEN`] bytes (checked by validation),
     /// so no lookup scans further than that for the NUL.
+    /// The bytes of the name at `off` that `str_at` gives (empty where it
+    /// gives ""), for the name indexes.
+    fn name_bytes(&self, off: u32) -> &[u8] {
+        self.str_at(off).as_bytes()
+    }
+
     fn str_at(&self, off: u32) -> &str {
         self.strings
             .get(off as usize..)
@@ -818,7 +833,8 @@ impl Btf {
     }
 
     fn index_names(&mut self) {
-        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut named = Vec::new();
+        let mut enumerators = Vec::new();
         for (id, t) in self.types.iter().enumerate() {
             let indexed = matches!(
                 t.kind,
@@ -832,23 +848,22 @@ impl Btf {
                     | Kind::Datasec { .. }
                     | Kind::Float { .. }
             );
-            let name = self.str_at(t.name_off);
-            if indexed && !name.is_empty() {
-                by_name.entry(name.to_string()).or_default().push(id as u32);
+            // Type ids are bounded by MAX_TYPES.
+            if indexed && !self.str_at(t.name_off).is_empty() {
+                named.push(id as u32);
             }
-        }
-        self.by_name = by_name;
-        let mut enumerators: HashMap<String, Vec<i64>> = HashMap::new();
-        for t in &self.types {
             if let Kind::Enum { values, .. } = &t.kind {
                 for v in values {
-                    let name = self.str_at(v.name_off);
-                    if !name.is_empty() {
-                        enumerators.entry(name.to_string()).or_default().push(v.value);
+                    if !self.str_at(v.name_off).is_empty() {
+                        enumerators.push((v.name_off, v.value));
                     }
                 }
             }
         }
+        // Built and searched with the same name function.
+        let by_name = NameIndex::build(named, |&id| self.name_bytes(self.types.get(id as usize).map_or(0, |t| t.name_off)));
+        let enumerators = NameIndex::build(enumerators, |&(off, _)| self.name_bytes(off));
+        self.by_name = by_name;
         self.enumerators = enumerators;
     }
 
@@ -1252,6 +1267,7 @@ fn parse_type(cur: &mut Cursor<'_>, id: usize) -> Result<Type> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Writes BTF blobs the way pahole/libbpf lay them out.
     struct Builder {

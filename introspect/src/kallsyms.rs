@@ -18,7 +18,7 @@
 //! checking each against the next. Every read is bounded by the scanned
 //! image, every walk by a count, and every mismatch is an error value.
 
-use std::collections::HashMap;
+use crate::name_index::NameIndex;
 use std::fmt;
 use std::ops::Range;
 
@@ -70,7 +70,7 @@ fn align_up(v: u64, a: u64) -> Option<u64> {
 }
 
 /// One kernel symbol as kallsyms knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Symbol {
     pub name: String,
     /// Runtime (post-KASLR) address; per-CPU symbols are offsets into the
@@ -108,7 +108,7 @@ impl fmt::Display for SymbolAt {
 
 /// Where the kallsyms tables were found (guest-virtual addresses), for
 /// diagnostics and for cross-checking other decoders.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KallsymsTables {
     /// `kallsyms_offsets`, one s32 per symbol.
     pub offsets: u64,
@@ -132,8 +132,10 @@ pub struct KallsymsTables {
 }
 
 /// The guest kernel's symbols, indexed by name and by address. Built once;
-/// lookups are hash-map or binary-search fast.
-#[derive(Clone)]
+/// lookups are hash-map or binary-search fast. Serializable with its
+/// indexes, so a host-side cache keyed by the tables' bytes can skip the
+/// scan and the decode (see [`Kallsyms::extent`] and [`Kallsyms::rebased`]).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Kallsyms {
     /// Kallsyms order (sorted by address as the kernel stores it).
     symbols: Vec<Symbol>,
@@ -141,7 +143,7 @@ pub struct Kallsyms {
     /// address stay in kallsyms order.
     by_addr: Vec<usize>,
     /// Indices into `symbols` with that name, in kallsyms order.
-    by_name: HashMap<String, Vec<usize>>,
+    by_name: NameIndex<usize>,
     /// Addresses `resolve` answers for (the kernel's `is_kernel()`).
     kernel: Range<u64>,
     /// `_end`: the kernel uses it as the end of the last symbol.
@@ -166,6 +168,14 @@ impl Kallsyms {
     /// `lstar` (MSR_LSTAR = runtime `entry_SYSCALL_64`, so this works with
     /// or without KASLR). Fails if no consistent set of tables is found.
     pub fn locate(mem: &dyn KernelMemory, lstar: u64) -> Result<Kallsyms> {
+        Kallsyms::locate_with_run(mem, lstar).map(|(k, _)| k)
+    }
+
+    /// [`Kallsyms::locate`], also giving the bytes of the table run
+    /// ([`Kallsyms::extent`]) exactly as the decoder read them: a cache
+    /// keyed by them holds what those very bytes decode to, even if the
+    /// guest rewrites its memory meanwhile. `None` when there is no extent.
+    pub fn locate_with_run(mem: &dyn KernelMemory, lstar: u64) -> Result<(Kallsyms, Option<Vec<u8>>)> {
         let base = lstar & !(KERNEL_ALIGN - 1);
         let limit = base.saturating_add(SCAN_SPAN) & !(PAGE - 1);
         let mut scan = ImageScan::new(mem, base, limit);
@@ -175,7 +185,8 @@ impl Kallsyms {
             let len = scan.region.bytes.len();
             let to = if growth == Growth::More { len.saturating_sub(TOKEN_LOOKAHEAD) } else { len };
             if let Some(k) = search.run(&scan.region, to, lstar)? {
-                return Ok(k);
+                let run = k.extent().and_then(|e| scan.region.slice(e.start, e.len, "").ok().map(<[u8]>::to_vec));
+                return Ok((k, run));
             }
             match growth {
                 Growth::More => {}
@@ -196,12 +207,9 @@ impl Kallsyms {
         let mut by_addr: Vec<usize> = (0..symbols.len()).collect();
         // Stable: aliases keep kallsyms order, as the kernel's own table does.
         by_addr.sort_by_key(|&i| symbols.get(i).map_or(0, |s| s.addr));
-        let mut by_name: HashMap<String, Vec<usize>> = HashMap::with_capacity(symbols.len());
-        for (i, s) in symbols.iter().enumerate() {
-            by_name.entry(s.name.clone()).or_default().push(i);
-        }
-        let first =
-            |name: &str| by_name.get(name).and_then(|v| v.first()).and_then(|&i| symbols.get(i)).map(|s| s.addr);
+        let name_of = |i: &usize| symbols.get(*i).map_or(&[][..], |s| s.name.as_bytes());
+        let by_name = NameIndex::build((0..symbols.len()).collect(), name_of);
+        let first = |name: &str| by_name.get(name.as_bytes(), name_of).first().and_then(|&i| symbols.get(i)).map(|s| s.addr);
         let lowest_kernel = symbols.iter().filter(|s| s.kind != 'A').map(|s| s.addr).min();
         let highest = symbols.iter().map(|s| s.addr).max();
         let start = first("_stext").or(first("_text")).or(lowest_kernel).unwrap_or(0);
@@ -218,15 +226,13 @@ impl Kallsyms {
     /// All addresses of `name`, in kallsyms order: livepatch's `old_sympos`
     /// N (1-based) is the N-th. Empty if the kernel has no such symbol.
     pub fn lookup(&self, name: &str) -> Vec<u64> {
-        self.by_name
-            .get(name)
-            .map(|v| v.iter().filter_map(|&i| self.symbols.get(i)).map(|s| s.addr).collect())
-            .unwrap_or_default()
+        self.lookup_symbols(name).into_iter().map(|s| s.addr).collect()
     }
 
     /// All symbols named `name`, in kallsyms order (with their types).
     pub fn lookup_symbols(&self, name: &str) -> Vec<&Symbol> {
-        self.by_name.get(name).map(|v| v.iter().filter_map(|&i| self.symbols.get(i)).collect()).unwrap_or_default()
+        let name_of = |i: &usize| self.symbols.get(*i).map_or(&[][..], |s| s.name.as_bytes());
+        self.by_name.get(name.as_bytes(), name_of).iter().filter_map(|&i| self.symbols.get(i)).collect()
     }
 
     /// The address of a name that must be unique (sympos 0).
@@ -312,6 +318,104 @@ impl Kallsyms {
     pub fn tables(&self) -> Option<&KallsymsTables> {
         self.tables.as_ref()
     }
+
+    /// The guest memory the decoded symbols came from: one run from
+    /// `kallsyms_offsets` to the end of `kallsyms_token_index`, holding every
+    /// table in the order this decoder reads them. Two guests whose runs
+    /// are byte-identical, apart from `kallsyms_relative_base` (which KASLR
+    /// relocates), decode to the same symbols shifted by the difference of
+    /// their relative bases. `None` when the tables were not found in
+    /// memory or are laid out in another order.
+    pub fn extent(&self) -> Option<TablesExtent> {
+        let t = self.tables.as_ref()?;
+        let in_order = t.offsets < t.relative_base_addr
+            && t.relative_base_addr < t.num_syms_addr
+            && t.num_syms_addr < t.names
+            && t.names < t.markers
+            && t.markers < t.seqs_of_names
+            && t.seqs_of_names < t.token_table
+            && t.token_table < t.token_index;
+        if !in_order {
+            return None;
+        }
+        let end = t.token_index.checked_add(TOKEN_INDEX_LEN)?;
+        let len = end.checked_sub(t.offsets)?;
+        (len <= MAX_EXTENT).then_some(TablesExtent {
+            start: t.offsets,
+            len,
+            relative_base_at: t.relative_base_addr - t.offsets,
+        })
+    }
+
+    /// Fails unless the decoded kernel, from the relative base to its
+    /// highest symbol, contains `lstar` (the guest's syscall entry): the
+    /// check that tells the guest's own tables from a stray copy.
+    pub fn check_contains(&self, lstar: u64) -> Result<()> {
+        let t = self.tables.as_ref().ok_or_else(|| kerr("symbols not decoded from guest tables"))?;
+        let highest = self.symbols.iter().map(|s| s.addr).max().unwrap_or(0);
+        if lstar < t.relative_base || lstar > highest {
+            return Err(kerr(format!(
+                "tables at {:#x} describe {:#x}..{highest:#x}, which does not contain LSTAR {lstar:#x}",
+                t.token_table, t.relative_base
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same tables in a guest whose `kallsyms_relative_base` is
+    /// `relative_base`: every kernel address moves by the difference, the
+    /// absolute per-CPU offsets stay. For a cached decode checked against
+    /// the other guest's bytes (see [`Kallsyms::extent`]).
+    pub fn rebased(mut self, relative_base: u64) -> Result<Kallsyms> {
+        let Some(mut t) = self.tables else {
+            return Err(kerr("symbols that were not decoded from guest tables cannot be rebased"));
+        };
+        let delta = relative_base.wrapping_sub(t.relative_base) as i64;
+        let shift = |a: u64| -> Result<u64> {
+            a.checked_add_signed(delta)
+                .ok_or_else(|| kerr(format!("{a:#x} moved by {delta:#x} to relative base {relative_base:#x} overflows")))
+        };
+        for s in &mut self.symbols {
+            // Absolute per-CPU offsets are non-negative s32 values; every
+            // other symbol is at or above the relative base.
+            if !(t.absolute_percpu && s.addr <= i32::MAX as u64) {
+                s.addr = shift(s.addr)?;
+            }
+        }
+        self.kernel = shift(self.kernel.start)?..shift(self.kernel.end)?;
+        self.end_of_image = self.end_of_image.map(shift).transpose()?;
+        self.text = match self.text.take() {
+            Some(r) => Some(shift(r.start)?..shift(r.end)?),
+            None => None,
+        };
+        t.offsets = shift(t.offsets)?;
+        t.relative_base_addr = shift(t.relative_base_addr)?;
+        t.relative_base = relative_base;
+        t.num_syms_addr = shift(t.num_syms_addr)?;
+        t.names = shift(t.names)?;
+        t.markers = shift(t.markers)?;
+        t.seqs_of_names = shift(t.seqs_of_names)?;
+        t.token_table = shift(t.token_table)?;
+        t.token_index = shift(t.token_index)?;
+        self.tables = Some(t);
+        Ok(self)
+    }
+}
+
+/// `kallsyms_token_index`: 256 u16 offsets.
+const TOKEN_INDEX_LEN: u64 = 512;
+/// The largest table run [`Kallsyms::extent`] describes (a distro kernel's
+/// is a few MiB).
+const MAX_EXTENT: u64 = 64 << 20;
+
+/// Where a guest's kallsyms tables lie, for a cache keyed by their bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TablesExtent {
+    /// Guest-virtual address of `kallsyms_offsets`.
+    pub start: u64,
+    pub len: u64,
+    /// Offset of the 8 bytes of `kallsyms_relative_base` inside the run.
+    pub relative_base_at: u64,
 }
 
 /// A contiguous run of mapped guest-virtual memory starting at `base`.
@@ -782,14 +886,8 @@ fn decode_before_tokens(region: &Region, tt: &TokenTable, lstar: u64) -> Result<
             match decode_layout(region, tt, &layout) {
                 Ok((symbols, tables)) => {
                     let mut k = Kallsyms::from_symbols(symbols);
-                    let highest = k.symbols.iter().map(|s| s.addr).max().unwrap_or(0);
-                    if lstar < tables.relative_base || lstar > highest {
-                        return Err(kerr(format!(
-                            "tables at {:#x} describe {:#x}..{highest:#x}, which does not contain LSTAR {lstar:#x}",
-                            tt.addr, tables.relative_base
-                        )));
-                    }
                     k.tables = Some(tables);
+                    k.check_contains(lstar)?;
                     return Ok(k);
                 }
                 Err(e) => last_err = Some(e),
@@ -1014,10 +1112,16 @@ mod tests {
     /// one text page (LSTAR inside), an unmapped page, then `pages` pages
     /// holding `junk` + the blob.
     fn memory_with(blob: &[u8], junk: usize) -> (VecMemory, u64) {
+        memory_at(TEXT, blob, junk)
+    }
+
+    /// The fake kernel's text page at `text` (2 MiB aligned), then `junk`
+    /// bytes and the blob.
+    fn memory_at(text: u64, blob: &[u8], junk: usize) -> (VecMemory, u64) {
         let data_pages = (junk + blob.len()).div_ceil(0x1000) + 1;
         let mut m = vec![0u8; 0x10000 + (data_pages + 2) * 0x1000];
         let put = |m: &mut Vec<u8>, at: usize, v: u64| m[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        let (i4, i3, i2) = ((TEXT >> 39) & 0x1ff, (TEXT >> 30) & 0x1ff, (TEXT >> 21) & 0x1ff);
+        let (i4, i3, i2) = ((text >> 39) & 0x1ff, (text >> 30) & 0x1ff, (text >> 21) & 0x1ff);
         put(&mut m, 0x1000 + i4 as usize * 8, 0x2000 | 3);
         put(&mut m, 0x2000 + i3 as usize * 8, 0x3000 | 3);
         put(&mut m, 0x3000 + i2 as usize * 8, 0x4000 | 3);
@@ -1030,7 +1134,7 @@ mod tests {
             *b = (i * 7 + 3) as u8;
         }
         m[0x11000 + junk..0x11000 + junk + blob.len()].copy_from_slice(blob);
-        (VecMemory(m), TEXT + 0x2000 + junk as u64)
+        (VecMemory(m), text + 0x2000 + junk as u64)
     }
 
     fn kernel_syms() -> Vec<Fake> {
@@ -1174,6 +1278,52 @@ mod tests {
         assert_eq!(k.lookup("gen_599"), vec![TEXT + 0x200 + 599 * 0x10]);
         assert_eq!(k.lookup("dup"), vec![TEXT + 0x10, TEXT + 0x80, TEXT + 0x3100]);
         assert_eq!(k.text_range(), Some(TEXT..TEXT + 0x4000));
+    }
+
+    #[test]
+    fn rebased_decode_matches_the_decode_of_the_slid_kernel() {
+        // KASLR moves the image and relocates only kallsyms_relative_base.
+        const SLIDE: u64 = 0x2000_0000;
+        let syms = kernel_syms();
+        let slid: Vec<Fake> = syms
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                if !s.percpu {
+                    s.addr += SLIDE;
+                }
+                s
+            })
+            .collect();
+        let (m1, _) = memory_at(TEXT, &build(&syms, true).bytes, 64);
+        let (m2, _) = memory_at(TEXT + SLIDE, &build(&slid, true).bytes, 64);
+        let (k1, run1) = Kallsyms::locate_with_run(&AddressSpace::new(&m1, 0x1000, false), TEXT + 0x40).unwrap();
+        let (k2, run2) = Kallsyms::locate_with_run(&AddressSpace::new(&m2, 0x1000, false), TEXT + SLIDE + 0x40).unwrap();
+        let (e1, e2) = (k1.extent().unwrap(), k2.extent().unwrap());
+        assert_eq!((e2.start, e2.len, e2.relative_base_at), (e1.start + SLIDE, e1.len, e1.relative_base_at));
+        // The two runs differ in the relative base only.
+        let (mut r1, mut r2) = (run1.unwrap(), run2.unwrap());
+        assert_eq!(r1.len() as u64, e1.len);
+        assert_ne!(r1, r2);
+        let at = e1.relative_base_at as usize;
+        assert_eq!(r2[at..at + 8], (TEXT + SLIDE).to_le_bytes());
+        r1[at..at + 8].fill(0);
+        r2[at..at + 8].fill(0);
+        assert_eq!(r1, r2);
+
+        let moved = k1.clone().rebased(TEXT + SLIDE).unwrap();
+        assert_eq!(moved.symbols().collect::<Vec<_>>(), k2.symbols().collect::<Vec<_>>());
+        assert_eq!(moved.kernel_range(), k2.kernel_range());
+        assert_eq!(moved.text_range(), k2.text_range());
+        assert_eq!(moved.tables(), k2.tables());
+        assert_eq!(moved.extent(), k2.extent());
+        assert_eq!(moved.lookup("cpu_number"), vec![0x20], "absolute per-CPU offsets stay");
+        assert_eq!(moved.lookup("dup"), vec![TEXT + SLIDE + 0x10, TEXT + SLIDE + 0x80, TEXT + SLIDE + 0x3100]);
+        assert_eq!(moved.resolve(TEXT + SLIDE + 0x44).map(|s| s.name), k2.resolve(TEXT + SLIDE + 0x44).map(|s| s.name));
+        moved.check_contains(TEXT + SLIDE + 0x40).unwrap();
+        assert!(moved.check_contains(TEXT + 0x40).is_err(), "the old LSTAR is outside the moved kernel");
+        assert!(k1.clone().rebased(u64::MAX - 0x100).is_err(), "overflow");
+        assert!(Kallsyms::from_symbols(Vec::new()).rebased(TEXT).is_err(), "no tables to rebase");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod kallsyms;
 pub mod kernel;
 pub mod klp;
 pub mod memory;
+mod name_index;
 pub mod modules;
 pub mod orc;
 pub mod stacks;
