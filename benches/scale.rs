@@ -90,11 +90,14 @@ fn transition(g: &mut Guest) -> (f64, f64, Value, f64) {
     (first.unwrap_or(f64::NAN), if checks.is_empty() { f64::NAN } else { median(checks) }, stacks, done)
 }
 
-/// `hyperpatch apply` of livepatch-sample to `n` fresh guests at once:
-/// (wall seconds, each guest's stopped us).
-fn apply_to_guests(n: usize) -> (f64, Vec<f64>) {
+/// `hyperpatch apply` of livepatch-sample to `n` fresh guests at once, their
+/// VMMs sharing the kernel-table cache in `tables`: (wall seconds, each
+/// guest's stopped us, each guest's table open us and where its tables came
+/// from).
+fn apply_to_guests(n: usize, tables: &std::path::Path, tag: &str) -> (f64, Vec<f64>, Vec<(f64, String)>) {
     let snap = ready_snapshot(1);
-    let guests: Vec<Guest> = (0..n).map(|i| Guest::restore(&format!("bench-many-{n}-{i}"), &snap)).collect();
+    let (s, t) = (snap.to_str().unwrap(), tables.to_str().unwrap());
+    let guests: Vec<Guest> = (0..n).map(|i| Guest::start(&format!("bench-many-{tag}-{n}-{i}"), &["--restore", s, "--table-cache", t])).collect();
     for g in &guests {
         g.wait_api();
     }
@@ -109,7 +112,14 @@ fn apply_to_guests(n: usize) -> (f64, Vec<f64>) {
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["failed"], json!(0), "{v}");
     let stops = v["guests"].as_array().unwrap().iter().map(|r| r["result"]["stopped_us"].as_f64().unwrap()).collect();
-    (wall, stops)
+    let opens = guests
+        .iter()
+        .map(|g| {
+            let kt = g.api_ok(json!({"verb": "list"}))["kernel_tables"].clone();
+            (kt["open_us"].as_f64().unwrap_or(f64::NAN), format!("{}/{}", kt["kallsyms"].as_str().unwrap_or("?"), kt["btf"].as_str().unwrap_or("?")))
+        })
+        .collect();
+    (wall, stops, opens)
 }
 
 fn main() {
@@ -160,11 +170,17 @@ fn main() {
 }
 
 fn many_guests() {
-    let (one_wall, one) = apply_to_guests(1);
-    let (wall, stops) = apply_to_guests(8);
-    println!(
-        "8 guests at once: {wall:.2} s wall, stopped {:?} us each; one guest: {one_wall:.2} s wall, stopped {:.0} us",
-        stops.iter().map(|s| s.round()).collect::<Vec<_>>(),
-        one[0]
-    );
+    let tables = scratch("bench-many-tables").join("tables");
+    let _ = std::fs::remove_dir_all(&tables);
+    let show = |what: &str, (wall, stops, opens): (f64, Vec<f64>, Vec<(f64, String)>)| {
+        println!(
+            "{what}: {wall:.2} s wall; stopped {:?} us; kernel tables read in {:?} ms ({})",
+            stops.iter().map(|s| s.round()).collect::<Vec<_>>(),
+            opens.iter().map(|(us, _)| (us / 100.0).round() / 10.0).collect::<Vec<_>>(),
+            opens.iter().map(|(_, o)| o.as_str()).collect::<Vec<_>>().join(" ")
+        );
+    };
+    show("8 guests at once, empty table cache", apply_to_guests(8, &tables, "cold"));
+    show("8 guests at once, table cache filled", apply_to_guests(8, &tables, "warm"));
+    show("one guest, table cache filled", apply_to_guests(1, &tables, "one"));
 }
