@@ -374,8 +374,8 @@ impl Btf {
     /// Ids of all named types (structs, unions, enums, typedefs, ints,
     /// floats, forward declarations, functions, variables, data sections)
     /// called `name`.
-    pub fn ids_by_name(&self, name: &str) -> &[u32] {
-        self.by_name.get(name.as_bytes(), |&id| self.name_bytes(self.types.get(id as usize).map_or(0, |t| t.name_off)))
+    pub fn ids_by_name(&self, name: &str) -> Vec<u32> {
+        self.by_name.get(name.as_bytes(), |&id| self.name_bytes(self.types.get(id as usize).map_or(0, |t| t.name_off))).copied().collect()
     }
 
     /// The name of type `id` as BTF records it (empty when anonymous).
@@ -460,7 +460,7 @@ impl Btf {
         let kind_ok = |union: bool| want_union.is_none_or(|w| w == union);
         let mut fwd = None;
         let mut via_typedef = None;
-        for &id in ids {
+        for id in ids {
             match &self.ty(id)?.kind {
                 Kind::Composite { union, .. } if kind_ok(*union) => return Ok(id),
                 Kind::Fwd { union } if kind_ok(*union) => {
@@ -575,7 +575,7 @@ impl Btf {
         };
         let bare = enum_name.strip_prefix("enum ").unwrap_or(enum_name).trim();
         let mut any_enum = false;
-        for &id in self.ids_by_name(bare) {
+        for id in self.ids_by_name(bare) {
             let target = match self.ty(id)?.kind {
                 Kind::Enum { .. } => id,
                 Kind::Link(Link::Typedef, _) => self.resolve_type(id)?,

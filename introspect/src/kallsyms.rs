@@ -209,7 +209,7 @@ impl Kallsyms {
         by_addr.sort_by_key(|&i| symbols.get(i).map_or(0, |s| s.addr));
         let name_of = |i: &usize| symbols.get(*i).map_or(&[][..], |s| s.name.as_bytes());
         let by_name = NameIndex::build((0..symbols.len()).collect(), name_of);
-        let first = |name: &str| by_name.get(name.as_bytes(), name_of).first().and_then(|&i| symbols.get(i)).map(|s| s.addr);
+        let first = |name: &str| by_name.get(name.as_bytes(), name_of).next().and_then(|&i| symbols.get(i)).map(|s| s.addr);
         let lowest_kernel = symbols.iter().filter(|s| s.kind != 'A').map(|s| s.addr).min();
         let highest = symbols.iter().map(|s| s.addr).max();
         let start = first("_stext").or(first("_text")).or(lowest_kernel).unwrap_or(0);
@@ -232,7 +232,7 @@ impl Kallsyms {
     /// All symbols named `name`, in kallsyms order (with their types).
     pub fn lookup_symbols(&self, name: &str) -> Vec<&Symbol> {
         let name_of = |i: &usize| self.symbols.get(*i).map_or(&[][..], |s| s.name.as_bytes());
-        self.by_name.get(name.as_bytes(), name_of).iter().filter_map(|&i| self.symbols.get(i)).collect()
+        self.by_name.get(name.as_bytes(), name_of).filter_map(|&i| self.symbols.get(i)).collect()
     }
 
     /// The address of a name that must be unique (sympos 0).
