@@ -206,7 +206,7 @@ pub fn render(verb: &str, v: &Value) -> String {
                 Some(Value::Object(r)) => out.push_str(&format!(
                     "ftrace record: flags {} ({})\n",
                     hex(&r["flags"]),
-                    if r["flags"].as_u64().unwrap_or(0) & introspect::ftrace::FTRACE_FL_ENABLED != 0 { "enabled" } else { "not enabled" }
+                    if r["flags"].as_u64().unwrap_or(0) & r["bits"]["enabled"].as_u64().unwrap_or(0) != 0 { "enabled" } else { "not enabled" }
                 )),
                 _ => out.push_str("no ftrace record (notrace function)\n"),
             }

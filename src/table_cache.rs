@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use introspect::btf::Btf;
 use introspect::kallsyms::{Kallsyms, TablesExtent};
-use introspect::kernel::Kernel;
+use introspect::kernel::{kernel_space, root_candidates, Kernel};
 use introspect::memory::PhysMem;
 use introspect::{AddressSpace, CpuState, KernelMemory};
 use serde::{Deserialize, Serialize};
@@ -137,9 +137,25 @@ impl TableCache {
         if cpu0.lstar == 0 {
             anyhow::bail!("MSR_LSTAR is 0: the guest kernel has not set up syscalls yet");
         }
-        let mem = AddressSpace::new(phys, cpu0.cr3, cpu0.la57());
         let mut notes = Vec::new();
-        let (syms, kallsyms, kallsyms_key) = self.kallsyms(&mem, cpu0.lstar, &mut notes)?;
+        // kallsyms through the first root that maps them, then everything
+        // through the kernel's own table (as `Kernel::open`).
+        let mut failed = Vec::new();
+        let mut found = None;
+        for root in root_candidates(&cpus) {
+            let via = AddressSpace::new(phys, root, cpu0.la57());
+            match self.kallsyms(&via, cpu0.lstar, &mut notes) {
+                Ok(k) => {
+                    found = Some(k);
+                    break;
+                }
+                Err(e) => failed.push(format!("root {root:#x}: {e:#}")),
+            }
+        }
+        let Some((syms, kallsyms, kallsyms_key)) = found else {
+            anyhow::bail!("no vCPU's page tables map the kernel's symbols ({})", failed.join("; "));
+        };
+        let mem = kernel_space(phys, &cpus, &syms)?;
         let start = syms.lookup_unique("__start_BTF")?;
         let stop = syms.lookup_unique("__stop_BTF")?;
         let blob = Btf::read_blob(&mem, start, stop)?;

@@ -553,6 +553,15 @@ impl Btf {
         Ok(m.offset_bits / 8)
     }
 
+    /// Every enumerator whose name starts with `prefix`, with its value,
+    /// in name order (a kernel's flag sets, e.g. `FTRACE_FL_`).
+    pub fn enumerators_with_prefix(&self, prefix: &str) -> Vec<(String, i64)> {
+        self.enumerators
+            .with_prefix(prefix.as_bytes(), |&(off, _)| self.name_bytes(off))
+            .map(|&(off, v)| (self.str_at(off).to_string(), v))
+            .collect()
+    }
+
     /// The value of `enumerator`, from enum `enum_name` (an `enum ` prefix
     /// or a typedef name is accepted) or, when `None`, from whichever enum
     /// defines it (also when empty; an error if two enums disagree about

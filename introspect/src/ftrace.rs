@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
 
+use crate::btf::Btf;
 use crate::error::{IntrospectError, Result};
 use crate::kernel::Kernel;
 use crate::translate::KernelMemory;
@@ -18,15 +19,45 @@ const MAX_PAGES: usize = 1 << 16;
 /// Largest `struct dyn_ftrace` we accept (it is 16 bytes on x86_64).
 const MAX_RECORD_SIZE: u64 = 64;
 
-// dyn_ftrace.flags bits (include/linux/ftrace.h, 6.1).
-pub const FTRACE_FL_ENABLED: u64 = 1 << 31;
-pub const FTRACE_FL_REGS: u64 = 1 << 30;
-pub const FTRACE_FL_REGS_EN: u64 = 1 << 29;
-pub const FTRACE_FL_TRAMP: u64 = 1 << 28;
-pub const FTRACE_FL_TRAMP_EN: u64 = 1 << 27;
-pub const FTRACE_FL_IPMODIFY: u64 = 1 << 26;
-pub const FTRACE_FL_DISABLED: u64 = 1 << 25;
-pub const FTRACE_REF_MASK: u64 = (1 << 23) - 1;
+/// The `dyn_ftrace.flags` bits hyperpatch reads and writes, as this kernel
+/// defines them: from the `FTRACE_FL_*` enumerators in its BTF. They move
+/// between versions (6.1's lowest flag is bit 23; newer kernels add flags
+/// down to bit 19), and every bit below the lowest flag is the record's
+/// reference count (`FTRACE_REF_MAX_SHIFT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FtraceFlagBits {
+    /// FTRACE_FL_ENABLED: the guest's ftrace has the site turned on.
+    pub enabled: u64,
+    /// FTRACE_FL_DISABLED: the guest's ftrace leaves the record alone.
+    pub disabled: u64,
+    /// The reference count: the bits below the lowest FTRACE_FL_ flag.
+    pub ref_mask: u64,
+}
+
+impl FtraceFlagBits {
+    /// Refused, naming what is unknown, unless ENABLED and DISABLED are
+    /// distinct single bits above a reference count of at least 8 bits.
+    pub fn from_btf(btf: &Btf) -> Result<FtraceFlagBits> {
+        let unknown = |why: String| IntrospectError::Corrupt(format!("ftrace record flags unknown: {why}"));
+        let flags = btf.enumerators_with_prefix("FTRACE_FL_");
+        let bit = |name: &str| -> Result<u64> {
+            let v = flags.iter().find(|(n, _)| n == name).map(|(_, v)| *v as u64);
+            match v {
+                Some(v) if v.is_power_of_two() => Ok(v),
+                Some(v) => Err(unknown(format!("{name} is {v:#x}, not one bit"))),
+                None => Err(unknown(format!("the kernel's BTF has no {name}"))),
+            }
+        };
+        let (enabled, disabled) = (bit("FTRACE_FL_ENABLED")?, bit("FTRACE_FL_DISABLED")?);
+        let lowest = flags.iter().map(|(_, v)| *v as u64).filter(|v| v.is_power_of_two()).min().unwrap_or(0);
+        if enabled == disabled || lowest < (1 << 8) {
+            return Err(unknown(format!(
+                "FTRACE_FL_ENABLED {enabled:#x}, FTRACE_FL_DISABLED {disabled:#x}, lowest flag {lowest:#x}"
+            )));
+        }
+        Ok(FtraceFlagBits { enabled, disabled, ref_mask: lowest - 1 })
+    }
+}
 
 /// What the 5 bytes at a site are.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -68,20 +99,22 @@ pub struct FtraceRecord {
     /// Guest address of the record's `ip` field (records read while the
     /// guest ran are checked through it in a stop).
     pub ip_addr: u64,
+    /// What the bits of `flags` mean in this kernel.
+    pub bits: FtraceFlagBits,
 }
 
 impl FtraceRecord {
     /// The guest's ftrace has this site turned on (a tracer or a livepatch).
     pub fn enabled(&self) -> bool {
-        self.flags & FTRACE_FL_ENABLED != 0
+        self.flags & self.bits.enabled != 0
     }
     /// Number of ftrace_ops that want this site.
     pub fn refcount(&self) -> u64 {
-        self.flags & FTRACE_REF_MASK
+        self.flags & self.bits.ref_mask
     }
     /// ftrace refuses to touch the site (e.g. init text freed).
     pub fn disabled(&self) -> bool {
-        self.flags & FTRACE_FL_DISABLED != 0
+        self.flags & self.bits.disabled != 0
     }
 }
 
@@ -126,6 +159,7 @@ impl Kernel<'_> {
         }
         let ip_off = self.off("dyn_ftrace", "ip")?;
         let flags_off = self.off("dyn_ftrace", "flags")?;
+        let bits = FtraceFlagBits::from_btf(&self.btf)?;
         let mut page = self.mem.read_u64(self.sym("ftrace_pages_start")?)?;
         let mut by_ip = HashMap::new();
         let mut pages = 0usize;
@@ -160,7 +194,7 @@ impl Kernel<'_> {
                 if let (Some(ip), Some(flags)) = (field(ip_off), field(flags_off)) {
                     let rec = records.wrapping_add(base as u64);
                     let flags_addr = rec.wrapping_add(flags_off);
-                    by_ip.insert(ip, FtraceRecord { ip, flags, flags_addr, ip_addr: rec.wrapping_add(ip_off) });
+                    by_ip.insert(ip, FtraceRecord { ip, flags, flags_addr, ip_addr: rec.wrapping_add(ip_off), bits });
                 }
             }
             page = self.read_ptr(page, next_off)?;

@@ -33,26 +33,34 @@ pub struct KernelLayout {
 }
 
 impl<'m> Kernel<'m> {
-    /// Opens the guest kernel: page tables from vCPU 0's CR3, kallsyms from
-    /// memory (found from LSTAR), BTF from `__start_BTF`..`__stop_BTF`.
+    /// Opens the guest kernel: kallsyms from memory (found from LSTAR)
+    /// through the first page-table root that maps them
+    /// ([`root_candidates`]), then every read through the kernel's own
+    /// top-level table ([`kernel_space`]), and BTF from
+    /// `__start_BTF`..`__stop_BTF`.
     pub fn open(phys: &'m dyn PhysMem, cpus: Vec<CpuState>) -> Result<Kernel<'m>> {
-        let cpu0 = *cpus.first().ok_or_else(|| IntrospectError::Corrupt("no vCPU state".into()))?;
-        if cpu0.lstar == 0 {
-            return Err(IntrospectError::Corrupt("MSR_LSTAR is 0: the guest kernel has not set up syscalls yet".into()));
+        let (lstar, la57) = boot_facts(&cpus)?;
+        let mut failed = Vec::new();
+        for root in root_candidates(&cpus) {
+            let mem = AddressSpace::new(phys, root, la57);
+            match Kallsyms::locate(&mem, lstar) {
+                Ok(syms) => {
+                    let mem = kernel_space(phys, &cpus, &syms)?;
+                    let start = syms.lookup_unique("__start_BTF")?;
+                    let stop = syms.lookup_unique("__stop_BTF")?;
+                    let btf = Btf::from_memory(&mem, start, stop)?;
+                    return Ok(Kernel { mem, syms, btf, cpus });
+                }
+                Err(e) => failed.push(format!("root {root:#x}: {e}")),
+            }
         }
-        let mem = AddressSpace::new(phys, cpu0.cr3, cpu0.la57());
-        let syms = Kallsyms::locate(&mem, cpu0.lstar)?;
-        let start = syms.lookup_unique("__start_BTF")?;
-        let stop = syms.lookup_unique("__stop_BTF")?;
-        let btf = Btf::from_memory(&mem, start, stop)?;
-        Ok(Kernel { mem, syms, btf, cpus })
+        Err(IntrospectError::Kallsyms(format!("no vCPU's page tables map the kernel's symbols ({})", failed.join("; "))))
     }
 
     /// Reassembles a kernel view from kallsyms and BTF decoded earlier (they
     /// live in kernel image memory that does not change while it runs).
     pub fn from_parts(phys: &'m dyn PhysMem, cpus: Vec<CpuState>, syms: Kallsyms, btf: Btf) -> Result<Kernel<'m>> {
-        let cpu0 = *cpus.first().ok_or_else(|| IntrospectError::Corrupt("no vCPU state".into()))?;
-        let mem = AddressSpace::new(phys, cpu0.cr3, cpu0.la57());
+        let mem = kernel_space(phys, &cpus, &syms)?;
         Ok(Kernel { mem, syms, btf, cpus })
     }
 
@@ -112,4 +120,55 @@ impl<'m> Kernel<'m> {
         let a = self.per_cpu("current_task", cpu)?;
         self.mem.read_u64(a)
     }
+}
+
+/// LSTAR and the paging mode, from vCPU 0 (set by the kernel at boot, the
+/// same on every CPU).
+fn boot_facts(cpus: &[CpuState]) -> Result<(u64, bool)> {
+    let cpu0 = cpus.first().ok_or_else(|| IntrospectError::Corrupt("no vCPU state".into()))?;
+    if cpu0.lstar == 0 {
+        return Err(IntrospectError::Corrupt("MSR_LSTAR is 0: the guest kernel has not set up syscalls yet".into()));
+    }
+    Ok((cpu0.lstar, cpu0.la57()))
+}
+
+/// Page-table roots that may map the kernel, best first: the CR3 of each
+/// vCPU in kernel mode, then of each vCPU in user mode, then for those the
+/// kernel half of a page-table-isolation pair. Under PTI a task in user
+/// mode runs on the user copy, which maps little more than the entry code;
+/// the kernel's copy is the 4 KiB page before it (`PTI_USER_PGTABLE_BIT`
+/// is bit 12 of the 8 KiB-aligned pair).
+pub fn root_candidates(cpus: &[CpuState]) -> Vec<u64> {
+    let root = |c: &CpuState| c.cr3 & crate::translate::ADDR_MASK;
+    let mut out: Vec<u64> = Vec::new();
+    let kernel = cpus.iter().filter(|c| !c.in_user_mode()).map(root);
+    let user: Vec<u64> = cpus.iter().filter(|c| c.in_user_mode()).map(root).collect();
+    for r in kernel.chain(user.iter().copied()).chain(user.iter().map(|r| r & !(1 << 12))) {
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// The kernel's own address space: rooted at its top-level table
+/// `init_top_pgt`, the root every CPU's kernel half shares (drgn reads
+/// `swapper_pg_dir` the same way), not at whatever page table a vCPU
+/// happened to run on. The table is found through the first candidate root
+/// that maps both it and LSTAR, and must map LSTAR to the same place.
+pub fn kernel_space<'m>(phys: &'m dyn PhysMem, cpus: &[CpuState], syms: &Kallsyms) -> Result<AddressSpace<'m>> {
+    let (lstar, la57) = boot_facts(cpus)?;
+    let table = syms.lookup_unique("init_top_pgt")?;
+    for root in root_candidates(cpus) {
+        let via = AddressSpace::new(phys, root, la57);
+        let (Ok(pa), Ok(entry)) = (via.translate(table), via.translate(lstar)) else { continue };
+        let own = AddressSpace::new(phys, pa, la57);
+        if own.translate(lstar).ok() == Some(entry) && own.translate(table).ok() == Some(pa) {
+            return Ok(own);
+        }
+        return Err(IntrospectError::Corrupt(format!(
+            "init_top_pgt (physical {pa:#x}) does not map the kernel as the vCPUs' page tables do (LSTAR {lstar:#x})"
+        )));
+    }
+    Err(IntrospectError::Corrupt(format!("no vCPU's page tables map init_top_pgt at {table:#x}")))
 }

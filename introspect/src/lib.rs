@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod klp;
 pub mod memory;
 mod name_index;
+pub mod module_area;
 pub mod modules;
 pub mod orc;
 pub mod stacks;

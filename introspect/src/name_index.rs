@@ -43,6 +43,14 @@ impl<T> NameIndex<T> {
         let n = rest.partition_point(|e| cmp(e) == Ordering::Equal);
         rest.get(..n).unwrap_or(&[]).iter().map(|(_, t)| t)
     }
+
+    /// The items whose names start with `prefix`, in name order.
+    pub(crate) fn with_prefix<'a>(&self, prefix: &[u8], name: impl Fn(&T) -> &'a [u8]) -> impl Iterator<Item = &T> {
+        let lo = self.0.partition_point(|(_, t)| name(t) < prefix);
+        let rest = self.0.get(lo..).unwrap_or(&[]);
+        let n = rest.partition_point(|(_, t)| name(t).starts_with(prefix));
+        rest.get(..n).unwrap_or(&[]).iter().map(|(_, t)| t)
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +73,11 @@ mod tests {
         for missing in ["bb", "z", "abcdefg", "abcdefghi", "abcdefghijk", "0"] {
             assert!(get(missing).is_empty(), "{missing}");
         }
+        let pre = |w: &str| ix.with_prefix(w.as_bytes(), name).copied().collect::<Vec<_>>();
+        assert_eq!(pre("abcdefghi"), [6, 9, 7]);
+        assert_eq!(pre("a"), [1, 3, 5, 8, 6, 9, 7]);
+        assert_eq!(pre("").len(), names.len());
+        assert!(pre("q").is_empty());
         let empty: NameIndex<usize> = NameIndex::build(Vec::new(), name);
         assert_eq!(empty.get(b"a", name).count(), 0);
     }

@@ -9,7 +9,7 @@ use crate::error::{IntrospectError, Result};
 use crate::kernel::Kernel;
 use crate::modules::Module;
 use crate::orc::{InactiveTaskFrameLayout, OrcTables, PtRegsLayout, Stack, StackBounds, SymbolAddrs, UnwindStart};
-use crate::tasks::{Task, THREAD_SIZE};
+use crate::tasks::Task;
 use crate::translate::KernelMemory;
 
 /// Most frames one unwind follows.
@@ -103,6 +103,8 @@ pub struct Unwinder {
     pub tables: OrcTables,
     pub frame: InactiveTaskFrameLayout,
     pub regs: PtRegsLayout,
+    /// The size of each task stack and IRQ stack ([`Kernel::thread_size`]).
+    pub thread_size: u64,
 }
 
 impl Kernel<'_> {
@@ -139,6 +141,7 @@ impl Kernel<'_> {
         }
         let r = |f: &str| self.off("pt_regs", f);
         Ok(Unwinder {
+            thread_size: self.thread_size()?,
             tables,
             frame: InactiveTaskFrameLayout {
                 size: self.btf.struct_size("inactive_task_frame")?,
@@ -162,11 +165,11 @@ impl Kernel<'_> {
     /// Unwinds one task: from its vCPU when it is running, else from its
     /// saved stack pointer.
     pub fn unwind_task(&self, u: &Unwinder, t: &Task) -> Stack {
-        let task_stack = StackBounds { low: t.stack, high: t.stack.saturating_add(THREAD_SIZE) };
+        let task_stack = StackBounds { low: t.stack, high: t.stack.saturating_add(u.thread_size) };
         let start = match t.running_on.and_then(|c| self.cpus.get(c).map(|regs| (c, *regs))) {
             Some((cpu, regs)) => {
                 let mut stacks = vec![task_stack];
-                if let Ok(irq) = self.irq_stack(cpu) {
+                if let Ok(irq) = self.irq_stack(cpu, u.thread_size) {
                     stacks.push(irq);
                 }
                 UnwindStart::Running { regs, stacks }
@@ -176,11 +179,12 @@ impl Kernel<'_> {
         u.tables.unwind(&self.mem, start, &u.regs, MAX_FRAMES)
     }
 
-    /// The IRQ stack of `cpu` (`hardirq_stack_ptr` points 8 bytes below its top).
-    pub fn irq_stack(&self, cpu: usize) -> Result<StackBounds> {
+    /// The IRQ stack of `cpu` (`hardirq_stack_ptr` points 8 bytes below its
+    /// top), `size` bytes (IRQ_STACK_SIZE is THREAD_SIZE on x86_64).
+    pub fn irq_stack(&self, cpu: usize, size: u64) -> Result<StackBounds> {
         let ptr = self.mem.read_u64(self.per_cpu("hardirq_stack_ptr", cpu)?)?;
         let high = ptr.checked_add(8).ok_or(IntrospectError::Overflow(ptr))?;
-        Ok(StackBounds { low: high.saturating_sub(THREAD_SIZE), high })
+        Ok(StackBounds { low: high.saturating_sub(size), high })
     }
 
     /// Stacks of every task, or of the tasks whose pid is `target`.

@@ -9,8 +9,9 @@ use crate::translate::KernelMemory;
 
 /// Most tasks we walk before calling the list corrupted.
 pub const MAX_TASKS: usize = 1 << 16;
-/// x86_64 kernel stack size (THREAD_SIZE with 4 KiB pages, no KASAN).
-pub const THREAD_SIZE: u64 = 16 << 10;
+/// The range a kernel stack size may have (THREAD_SIZE: 16 KiB on x86_64,
+/// 32 KiB with KASAN, more with larger KASAN or page orders).
+const THREAD_SIZES: std::ops::RangeInclusive<u64> = (4 << 10)..=(256 << 10);
 const TASK_COMM_LEN: usize = 16;
 
 /// One guest thread.
@@ -365,6 +366,25 @@ impl Kernel<'_> {
         Ok(out)
     }
 }
+
+impl Kernel<'_> {
+    /// THREAD_SIZE, the size of a task's kernel stack (and of the IRQ
+    /// stack on x86_64), as this kernel was built: the init task's stack,
+    /// `__start_init_task` to `__end_init_task`, is laid out as exactly
+    /// one THREAD_SIZE. Refused unless it is a power of two in a
+    /// plausible range.
+    pub fn thread_size(&self) -> Result<u64> {
+        let start = self.sym("__start_init_task").or_else(|_| self.sym("init_stack"))?;
+        let end = self.sym("__end_init_task")?;
+        match end.checked_sub(start) {
+            Some(n) if n.is_power_of_two() && THREAD_SIZES.contains(&n) => Ok(n),
+            _ => Err(IntrospectError::Corrupt(format!(
+                "THREAD_SIZE unknown: the init task's stack runs from {start:#x} to {end:#x}, not a power of two of 4 KiB to 256 KiB"
+            ))),
+        }
+    }
+}
+
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use crate::memory::PhysMem;
 
 const PRESENT: u64 = 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub(crate) const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const CACHE_LIMIT: usize = 1 << 16;
 
 /// Reads guest-virtual memory. Everything that decodes kernel objects takes

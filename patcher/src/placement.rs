@@ -13,9 +13,6 @@ use introspect::translate::KernelMemory;
 use introspect::PhysMem;
 
 const PAGE_2M: u64 = 2 << 20;
-const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-/// `MODULES_VADDR` with KERNEL_IMAGE_SIZE 1 GiB (RANDOMIZE_BASE) and 512 MiB.
-const MODULES_VADDR_CANDIDATES: [u64; 2] = [START_KERNEL_MAP + (1 << 30), START_KERNEL_MAP + (512 << 20)];
 const PTE_PRESENT: u64 = 1;
 const PTE_RW: u64 = 1 << 1;
 const PTE_ACCESSED: u64 = 1 << 5;
@@ -120,16 +117,16 @@ impl Region {
         Ok(Region { phys_base, virt_base, size, areas, mapped_pmds: Vec::new() })
     }
 
-    /// Picks the virtual base: the last `size` bytes below `MODULES_VADDR`,
-    /// above the kernel image end, where the guest maps nothing.
-    pub fn choose_virt_base(kernel_end: u64, size: u64) -> Result<u64> {
-        for m in MODULES_VADDR_CANDIDATES {
-            let base = m - size;
-            if base >= kernel_end.saturating_add(PAGE_2M) {
-                return Ok(base);
-            }
+    /// Picks the virtual base: the last `size` bytes below
+    /// `modules_vaddr` (the guest's `MODULES_VADDR`), above the kernel
+    /// image end, where the guest maps nothing.
+    pub fn choose_virt_base(kernel_end: u64, modules_vaddr: u64, size: u64) -> Result<u64> {
+        match modules_vaddr.checked_sub(size) {
+            Some(base) if base >= kernel_end.saturating_add(PAGE_2M) => Ok(base),
+            _ => Err(PatchError::Mapping(format!(
+                "no room for {size:#x} bytes between the kernel end {kernel_end:#x} and MODULES_VADDR {modules_vaddr:#x}"
+            ))),
         }
-        Err(PatchError::Mapping(format!("no room for {size:#x} bytes between the kernel end {kernel_end:#x} and MODULES_VADDR")))
     }
 
     /// Bytes allocated now.
@@ -227,6 +224,21 @@ impl Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_region_ends_at_the_guests_modules_vaddr() {
+        use introspect::module_area::MODULES_VADDR_CHOICES;
+        let size = 16 << 20;
+        // RANDOMIZE_BASE (1 GiB image) and without it (512 MiB image): the
+        // region ends where that kernel's module area starts, never inside it.
+        for m in MODULES_VADDR_CHOICES {
+            assert_eq!(Region::choose_virt_base(0xffff_ffff_8200_0000, m, size).unwrap(), m - size);
+        }
+        // A kernel image reaching into the last 16 MiB + 2 MiB: no room.
+        let m = MODULES_VADDR_CHOICES[1];
+        assert!(Region::choose_virt_base(m - size - PAGE_2M + 1, m, size).is_err());
+        assert!(Region::choose_virt_base(0, 0x1000, size).is_err(), "underflow");
+    }
 
     #[test]
     fn allocator_first_fit_alignment_and_free() {

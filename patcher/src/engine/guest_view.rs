@@ -220,7 +220,14 @@ impl GuestTasks for LiveGuest<'_, '_> {
         Ok(self.k.off("task_struct", "patch_state")?)
     }
     fn current_task_slot(&self) -> Result<u64> {
-        Ok(self.k.sym("current_task").or_else(|_| self.k.sym("pcpu_hot"))?)
+        // 6.1: the per-cpu `current_task`; newer kernels: a member of the
+        // per-cpu `pcpu_hot`, at the offset its BTF gives.
+        if let Ok(a) = self.k.sym("current_task") {
+            return Ok(a);
+        }
+        let base = self.k.sym("pcpu_hot")?;
+        let off = self.k.off("pcpu_hot", "current_task")?;
+        Ok(base.checked_add(off).ok_or(introspect::IntrospectError::Overflow(base))?)
     }
     fn guest_klp_in_transition(&self) -> Result<bool> {
         // A kernel without livepatch has no such symbol: no transition.

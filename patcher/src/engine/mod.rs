@@ -108,8 +108,8 @@ pub enum Outcome {
 
 /// Version of the patcher's saved state (in snapshots). Another version
 /// is refused, never misread. (2: the transition holds a state enum and
-/// named code ranges.)
-pub const STATE_VERSION: u32 = 2;
+/// named code ranges; 3: each site holds its kernel's ftrace flag bits.)
+pub const STATE_VERSION: u32 = 3;
 
 /// All patch state of one guest. It is saved with a snapshot of the VM
 /// (serde) and restored with it: the guest's memory holds the jumps, stubs
@@ -257,7 +257,9 @@ impl Patcher {
         let cpu0 = *k.cpus.first().ok_or_else(|| PatchError::Vm("no vCPU".into()))?;
         let region = self.region(k)?;
         let was_mapped = region.is_mapped();
-        region.map(k.mem.phys(), w, cpu0.cr3, cpu0.la57())?;
+        // Through the kernel's own top-level table (`Kernel::mem`'s root),
+        // which every CPU's kernel half shares.
+        region.map(k.mem.phys(), w, k.mem.cr3(), cpu0.la57())?;
         match CallEngine::place(k, w, region) {
             Ok(c) => {
                 self.calls = Some(c);
@@ -280,7 +282,7 @@ impl Patcher {
     fn region(&mut self, k: &Kernel<'_>) -> Result<&mut Region> {
         if self.region.is_none() {
             let end = k.sym("_end")?;
-            let virt = Region::choose_virt_base(end, self.reserved_size)?;
+            let virt = Region::choose_virt_base(end, k.modules_vaddr()?, self.reserved_size)?;
             self.region = Some(Region::new(self.reserved_phys, self.reserved_size, virt)?);
         }
         self.region.as_mut().ok_or_else(|| PatchError::State("region".into()))

@@ -179,6 +179,7 @@ impl Patcher {
                         site,
                         original: bytes,
                         record: Some((rec.flags_addr, rec.flags)),
+                        flag_bits: rec.bits,
                         active: None,
                     });
                 }

@@ -13,8 +13,6 @@ use crate::engine::plan::WritePlan;
 use crate::engine::{Patch, Patcher};
 use crate::error::{PatchError, Result};
 
-/// The guest's "leave this record alone" ftrace flag.
-pub(crate) const FTRACE_FL_DISABLED: u64 = 1 << 25;
 
 /// A call site hyperpatch owns.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -24,6 +22,8 @@ pub struct SiteState {
     pub original: [u8; 5],
     /// The guest's ftrace record flags (address, value before we owned it).
     pub record: Option<(u64, u64)>,
+    /// What the bits of those flags mean in this kernel (its BTF's).
+    pub flag_bits: introspect::ftrace::FtraceFlagBits,
     /// Target the site jumps to now (`None`: original bytes).
     pub active: Option<u64>,
 }
@@ -71,16 +71,27 @@ impl SiteState {
             let cur = g.read_u64(rec)?;
             let new = match (from, to) {
                 (None, Some(_)) => {
-                    if cur & (introspect::ftrace::FTRACE_FL_ENABLED | introspect::ftrace::FTRACE_REF_MASK) != 0 {
+                    let bits = self.flag_bits;
+                    if bits.disabled == 0 {
+                        return Err(PatchError::Site {
+                            name: self.function.clone(),
+                            site: self.site,
+                            detail: "the meaning of the guest's ftrace record flags is unknown".into(),
+                        });
+                    }
+                    if cur & (bits.enabled | bits.ref_mask) != 0 {
                         return Err(PatchError::Site {
                             name: self.function.clone(),
                             site: self.site,
                             detail: format!("the guest's ftrace uses this site now (flags {cur:#x})"),
                         });
                     }
-                    cur | FTRACE_FL_DISABLED
+                    cur | bits.disabled
                 }
-                (Some(_), None) => (cur & !FTRACE_FL_DISABLED) | (orig & FTRACE_FL_DISABLED),
+                (Some(_), None) => {
+                    let d = self.flag_bits.disabled;
+                    (cur & !d) | (orig & d)
+                }
                 _ => cur,
             };
             if new != cur {

@@ -26,6 +26,9 @@ const REGION_SIZE: u64 = 6 << 20;
 const PATCH_STATE_OFF: u64 = 0x40;
 const CURRENT_TASK: u64 = 0x1fdc0;
 const TASK_SIZE: u64 = 0x100;
+/// 6.1's dyn_ftrace flag bits, as its BTF gives them.
+const FLAG_BITS: introspect::ftrace::FtraceFlagBits =
+    introspect::ftrace::FtraceFlagBits { enabled: 1 << 31, disabled: 1 << 25, ref_mask: (1 << 23) - 1 };
 const TASKS_AT: u64 = 0x10_0000;
 const FUNC_SIZE: u64 = 0x80;
 
@@ -267,7 +270,7 @@ fn stage(p: &mut Patcher, name: &str, funcs: &[usize], replace: bool, states: &[
     let new_sites = funcs
         .iter()
         .filter(|i| !p.sites.contains_key(&func(**i)))
-        .map(|i| SiteState { function: format!("func{i}"), site: func(*i), original: NOP5, record: Some((record(*i), 0)), active: None })
+        .map(|i| SiteState { function: format!("func{i}"), site: func(*i), original: NOP5, record: Some((record(*i), 0)), flag_bits: FLAG_BITS, active: None })
         .collect();
     (resolved, new_sites)
 }
@@ -302,7 +305,7 @@ fn apply_switches_every_site_and_hands_the_records_over() {
     assert!(matches!(out, Outcome::Switched { sites: 2, forced: false }), "{out:?}");
     for i in 0..2 {
         assert!(jumps_to(&g, i, new_addr(&p, "p1", i)));
-        assert_eq!(g.read_u64(GuestVirt(record(i))).unwrap(), sites::FTRACE_FL_DISABLED);
+        assert_eq!(g.read_u64(GuestVirt(record(i))).unwrap(), FLAG_BITS.disabled);
     }
     assert!(p.staged.is_none());
     // Disable: the original bytes and the records' flags come back.
@@ -383,7 +386,7 @@ fn per_task_transition_migrates_safe_tasks_then_completes() {
     let code = g.peek(stub, STUB_SIZE as usize);
     let want = dispatch_stub(stub, CURRENT_TASK, PATCH_STATE_OFF, new_addr(&p, "p1", 0), func(0) + 5).unwrap();
     assert_eq!(&code[..want.len()], &want[..]);
-    assert_eq!(g.read_u64(GuestVirt(record(0))).unwrap(), sites::FTRACE_FL_DISABLED);
+    assert_eq!(g.read_u64(GuestVirt(record(0))).unwrap(), FLAG_BITS.disabled);
     // Still in the old function: still held.
     assert!(matches!(p.advance_on(&g).unwrap(), Outcome::InTransition { remaining: 1, .. }));
     g.set_frames(2, &[]);
