@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use patcher::guest::GuestWriter;
 use introspect::translate::KernelMemory;
-use crate::table_cache::{TableCache, TablesOrigin};
+use crate::table_cache::{ModuleOrigin, TableCache, TablesOrigin};
 use patcher::lifecycle::CallbackKind;
 use patcher::{ApplyOptions, Outcome, PatchError, PatchModule, Patcher};
 use std::time::{Duration, Instant};
@@ -344,6 +344,8 @@ struct State {
     tables: TableCache,
     /// How `cache` was filled.
     tables_origin: Option<TablesOrigin>,
+    /// Where the last loaded module's parse came from.
+    module_origin: Option<ModuleOrigin>,
     /// vmlinux's ORC tables, read once while the guest runs.
     vmlinux_orc: Option<OrcTables>,
     /// Every vCPU's registers at the last stop: a view of the running
@@ -384,6 +386,7 @@ struct ListView {
     reserved_used: u64,
     region_mapped: bool,
     kernel_tables: Option<TablesOrigin>,
+    last_module_parse: Option<ModuleOrigin>,
 }
 
 #[derive(Clone)]
@@ -524,7 +527,7 @@ impl GuestApi {
 
     fn start(vm: &Arc<Vm>, patcher: Patcher, pending: Option<PendingOp>, finished: Option<Finished>, tables: TableCache) -> Result<GuestApi> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { cache: None, tables, tables_origin: None, vmlinux_orc: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
+            state: Mutex::new(State { cache: None, tables, tables_origin: None, module_origin: None, vmlinux_orc: None, last_cpus: None, patcher, pending, finished, armed: Vec::new(), idle_at_queue: Some(false), outbox: Vec::new(), prep_stops: Vec::new() }),
             jobs: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
@@ -569,6 +572,7 @@ impl GuestApi {
             "reserved_used": v.reserved_used,
             "region_mapped": v.region_mapped,
             "kernel_tables": v.kernel_tables,
+            "last_module_parse": v.last_module_parse,
         })
     }
 }
@@ -722,6 +726,7 @@ impl Shared {
             reserved_used: p.reserved_used(),
             region_mapped: p.region_mapped(),
             kernel_tables: st.tables_origin.clone(),
+            last_module_parse: st.module_origin.clone(),
         };
         *lock(&self.view) = view;
     }
@@ -1020,9 +1025,17 @@ impl State {
         self.prep_stops.clear();
         self.read_kernel_tables(vm);
         // The .ko is parsed against vmlinux's BTF (read once) while the guest runs.
-        let m = match self.cache.as_ref() {
-            Some((_, btf)) => PatchModule::parse(&shown, &bytes, btf)?,
-            None => {
+        let btf_key = self.tables_origin.as_ref().map(|o| o.btf_key.clone());
+        let m = match (self.cache.as_ref(), btf_key) {
+            // Parsed once per kernel build: the host cache holds the parse
+            // of these bytes against this BTF.
+            (Some((_, btf)), Some(key)) => {
+                let (m, origin) = self.tables.patch_module(&shown, &bytes, btf, &key)?;
+                self.module_origin = Some(origin);
+                m
+            }
+            (Some((_, btf)), None) => PatchModule::parse(&shown, &bytes, btf)?,
+            (None, _) => {
                 let paused = vm.pause()?;
                 self.with_kernel(&paused, |_, k, _| Ok(PatchModule::parse(&shown, &bytes, &k.btf)?))?
             }

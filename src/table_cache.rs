@@ -21,6 +21,11 @@
 //!   hit needs no scan.
 //! - BTF: the blob between `__start_BTF` and `__stop_BTF`.
 //!
+//! - a patch module, parsed and checked against the kernel's BTF: keyed by
+//!   the .ko's bytes and the BTF's key, since the parse depends on nothing
+//!   else. Linking it stays per guest: relocations need that guest's own
+//!   addresses (its KASLR slide, its region, its modules' bases).
+//!
 //! An entry file carries a checksum of its payload; a file that is
 //! truncated, corrupt or from another hyperpatch build is not used (the
 //! tables are decoded from the guest and the entry written again). Entries
@@ -57,6 +62,8 @@ const MAX_HINT: u64 = 4096;
 pub enum Origin {
     /// Decoded from the guest's memory (and written to the cache).
     Guest,
+    /// A patch module parsed from its file now (and written to the cache).
+    Parsed,
     /// A cache entry whose key the guest's own bytes hash to.
     Cache,
 }
@@ -73,6 +80,17 @@ pub struct TablesOrigin {
     pub open_us: f64,
     /// Why an entry could not be used or written, if that happened: the
     /// open still succeeded from the guest's memory.
+    pub notes: Vec<String>,
+}
+
+/// Where a patch module's parse came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleOrigin {
+    /// SHA-256 (hex) of the .ko's bytes and the BTF key.
+    pub key: String,
+    pub origin: Origin,
+    /// Host microseconds to hash and parse (or read back) the module.
+    pub parse_us: f64,
     pub notes: Vec<String>,
 }
 
@@ -179,6 +197,28 @@ impl TableCache {
             notes,
         };
         Ok((k, origin))
+    }
+
+    /// `bytes` (the .ko at `path`) parsed against `btf`, whose key is
+    /// `btf_key`: from the cache when this kernel build parsed the same
+    /// bytes before, else parsed now and stored.
+    pub fn patch_module(&self, path: &str, bytes: &[u8], btf: &Btf, btf_key: &str) -> anyhow::Result<(patcher::PatchModule, ModuleOrigin)> {
+        let started = std::time::Instant::now();
+        let key = hex(&Sha256::new().chain_update(b"module\0").chain_update(btf_key.as_bytes()).chain_update(bytes).finalize());
+        let mut notes = Vec::new();
+        let (m, origin) = match self.load::<patcher::PatchModule>("module", &key, &mut notes) {
+            Some(mut m) => {
+                // The parse names the file it came from; this one may be elsewhere.
+                m.path = path.to_string();
+                (m, Origin::Cache)
+            }
+            None => {
+                let m = patcher::PatchModule::parse(path, bytes, btf)?;
+                self.store("module", &key, &m, &mut notes);
+                (m, Origin::Parsed)
+            }
+        };
+        Ok((m, ModuleOrigin { key, origin, parse_us: started.elapsed().as_secs_f64() * 1e6, notes }))
     }
 
     fn kallsyms(&self, mem: &dyn KernelMemory, lstar: u64, notes: &mut Vec<String>) -> anyhow::Result<(Kallsyms, Origin, Option<String>)> {

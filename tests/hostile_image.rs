@@ -236,7 +236,17 @@ fn exercise(mem: &VecMemory, cpus: &[CpuState], syms: &Kallsyms, btf_bytes: Vec<
     }
     drop(opened);
     let btf = Btf::parse(btf_bytes).expect("clean BTF parses");
-    let k = Kernel::from_parts(mem, cpus.to_vec(), syms.clone(), btf).expect("vCPU state present");
+    // The kernel's own page-table root is found through the (possibly
+    // corrupted) page tables: no root that maps it is an error, not a panic.
+    let mut clean_kernel = None;
+    call(tx, "Kernel::from_parts", || match Kernel::from_parts(mem, cpus.to_vec(), syms.clone(), btf) {
+        Ok(k) => {
+            clean_kernel = Some(k);
+            Outcome::Ok("opened".into())
+        }
+        Err(e) => Outcome::Err(e.to_string()),
+    });
+    let Some(k) = clean_kernel else { return };
     for (name, verb, req) in verb_calls(lstar) {
         call(tx, &format!("clean-syms/{name}"), || verb_outcome(run_verb(&k, verb, &req)));
     }

@@ -20,7 +20,7 @@ pub const MAX_MODULE_SIZE: usize = 64 << 20;
 const MAX_STRING: usize = 512;
 
 /// How a section is placed in the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SectionKind {
     Text,
     Rodata,
@@ -30,18 +30,19 @@ pub enum SectionKind {
 }
 
 /// One ELF section of the module.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Section {
     pub name: String,
     pub kind: SectionKind,
     pub size: u64,
     pub align: u64,
     /// File contents (zeros for NOBITS).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
 /// One symbol-table entry.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Symbol {
     pub name: String,
     /// Defining section; `None` for undefined (external) symbols.
@@ -51,7 +52,7 @@ pub struct Symbol {
 }
 
 /// One RELA entry.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Rela {
     pub offset: u64,
     pub r_type: u32,
@@ -146,8 +147,9 @@ pub struct PatchSpec {
     pub skip_callbacks: bool,
 }
 
-/// A parsed livepatch module.
-#[derive(Clone, Debug)]
+/// A parsed livepatch module. Serializable: it depends only on the .ko's
+/// bytes and the kernel's BTF, so the host cache keeps one per kernel build.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PatchModule {
     pub path: String,
     /// The module name (`__this_module.name`), as /sys/kernel/livepatch shows it.
