@@ -163,3 +163,35 @@ fn ftrace_flag_bits_come_from_the_guests_btf_and_a_bad_one_is_refused() {
     let e = bad.ftrace_records().err().expect("refused");
     assert!(e.to_string().contains("ftrace record flags unknown") && e.to_string().contains("FTRACE_FL_DISABLED"), "{e}");
 }
+
+#[test]
+fn a_vcpu_caught_on_its_entry_stack_unwinds_reliably_to_user_mode() {
+    // An interrupt from user mode: the CPU pushes the user frame onto the
+    // entry stack the TSS names, and the vCPU is stopped at the first
+    // instruction of the interrupt's entry code, before it moves to the
+    // task stack.
+    let snap = common::ready_snapshot(1);
+    let img = SnapshotImage::open(&snap).unwrap();
+    let k = Kernel::open(&img.mem, img.cpus.clone()).unwrap();
+    let es = k.entry_stack(0).unwrap();
+    assert_eq!(es.high - es.low, k.btf.struct_size("entry_stack").unwrap());
+    assert!(es.low >= 0xffff_fe00_0000_0000, "in the CPU's entry area: {es:x?}");
+    let frame = es.high - 5 * 8;
+    let (mut ram, _) = ram_with_spare_pair(&img.mem);
+    let pa = k.mem.translate(frame).unwrap() as usize;
+    // rip, cs, rflags, rsp, ss of a user task.
+    for (i, v) in [0x40_1000u64, 0x33, 0x202, 0x7ffc_0000, 0x2b].iter().enumerate() {
+        ram.0[pa + i * 8..pa + i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let mut cpus = img.cpus.clone();
+    cpus[0].rip = k.sym("asm_sysvec_apic_timer_interrupt").unwrap();
+    cpus[0].rsp = frame;
+    cpus[0].cs = 0x10;
+    let current = k.current_task(0).unwrap();
+    drop(k);
+    let k = Kernel::open(&ram, cpus).unwrap();
+    let pid = k.tasks().unwrap().into_iter().find(|t| t.addr == current).map(|t| t.pid).unwrap();
+    let st = k.task_stacks(&pid.to_string()).unwrap().into_iter().find(|s| s.running_on == Some(0)).expect("the task on vCPU 0");
+    assert!(st.reliable, "{:?} {:?}", st.reason, st.all_frames);
+    assert!(st.all_frames.iter().any(|f| f.symbol.starts_with("asm_sysvec_apic_timer_interrupt")), "{:?}", st.all_frames);
+}

@@ -98,6 +98,9 @@ impl<'k, 'm> Symbolizer<'k, 'm> {
     }
 }
 
+/// The largest entry stack believed (it is one page).
+const MAX_ENTRY_STACK: u64 = 64 << 10;
+
 /// ORC tables plus the layouts an unwind needs, loaded once per stop.
 pub struct Unwinder {
     pub tables: OrcTables,
@@ -172,6 +175,11 @@ impl Kernel<'_> {
                 if let Ok(irq) = self.irq_stack(cpu, u.thread_size) {
                     stacks.push(irq);
                 }
+                // An interrupt from user mode lands on the CPU's entry
+                // stack before the entry code moves to the task stack.
+                if let Ok(entry) = self.entry_stack(cpu) {
+                    stacks.push(entry);
+                }
                 UnwindStart::Running { regs, stacks }
             }
             None => UnwindStart::Sleeping { thread_sp: t.thread_sp, frame: u.frame, stack: task_stack },
@@ -185,6 +193,21 @@ impl Kernel<'_> {
         let ptr = self.mem.read_u64(self.per_cpu("hardirq_stack_ptr", cpu)?)?;
         let high = ptr.checked_add(8).ok_or(IntrospectError::Overflow(ptr))?;
         Ok(StackBounds { low: high.saturating_sub(size), high })
+    }
+
+    /// The entry (trampoline) stack of `cpu`, where the CPU pushes an
+    /// interrupt frame from user mode: it ends at the TSS's `sp0`
+    /// (`cpu_tss_rw.x86_tss.sp0`, in the CPU's entry area) and is one
+    /// `struct entry_stack` long.
+    pub fn entry_stack(&self, cpu: usize) -> Result<StackBounds> {
+        let tss = self.per_cpu("cpu_tss_rw", cpu)?;
+        let sp0 = self.read_ptr(tss, self.off("tss_struct", "x86_tss.sp0")?)?;
+        let size = self.btf.struct_size("entry_stack")?;
+        if size == 0 || size > MAX_ENTRY_STACK {
+            return Err(IntrospectError::Corrupt(format!("sizeof(struct entry_stack) = {size} is implausible")));
+        }
+        let low = sp0.checked_sub(size).ok_or(IntrospectError::Overflow(sp0))?;
+        Ok(StackBounds { low, high: sp0 })
     }
 
     /// Stacks of every task, or of the tasks whose pid is `target`.
