@@ -662,6 +662,15 @@ fn stacks_match_proc_pid_stack() {
          case \"$s\" in *wait_for_partner*|*pipe_read*) break;; esac; i=$((i+1)); done; echo \"$p $i\"; done"
     ));
     println!("cats asleep after: {w}");
+    // Both reached their sleep (the loop gives up after 200 reads): say so
+    // here, with what the guest printed, rather than fail later unclearly.
+    for p in [open_cat, read_cat] {
+        assert!(
+            w.lines().any(|l| l.split_whitespace().next() == Some(&p.to_string()) && !l.ends_with(" 200")),
+            "cat {p} never reached its sleep ({w}); guest console:\n{}",
+            g.tail(3000)
+        );
+    }
 
     let stacks = compare_sleeping_stacks(&mut g, &[busy]);
     let has = |pid: i32, f: &str| stacks.get(&pid).is_some_and(|s| s.iter().any(|l| l.contains(&format!("] {f}+"))));
