@@ -37,10 +37,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use introspect::btf::Btf;
-use introspect::kallsyms::{Kallsyms, TablesExtent};
-use introspect::kernel::{kernel_space, root_candidates, Kernel};
+use introspect::kallsyms::{Kallsyms, TablesExtent, MAX_EXTENT};
+use introspect::kernel::{kernel_space, through_first_root, Kernel};
 use introspect::memory::PhysMem;
-use introspect::{AddressSpace, CpuState, KernelMemory};
+use introspect::{CpuState, KernelMemory};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -151,28 +151,11 @@ impl TableCache {
     /// from the cache when the guest's own bytes hash to an entry.
     pub fn open_kernel<'m>(&self, phys: &'m dyn PhysMem, cpus: Vec<CpuState>) -> anyhow::Result<(Kernel<'m>, TablesOrigin)> {
         let started = std::time::Instant::now();
-        let cpu0 = *cpus.first().ok_or_else(|| anyhow::anyhow!("no vCPU state"))?;
-        if cpu0.lstar == 0 {
-            anyhow::bail!("MSR_LSTAR is 0: the guest kernel has not set up syscalls yet");
-        }
         let mut notes = Vec::new();
         // kallsyms through the first root that maps them, then everything
         // through the kernel's own table (as `Kernel::open`).
-        let mut failed = Vec::new();
-        let mut found = None;
-        for root in root_candidates(&cpus) {
-            let via = AddressSpace::new(phys, root, cpu0.la57());
-            match self.kallsyms(&via, cpu0.lstar, &mut notes) {
-                Ok(k) => {
-                    found = Some(k);
-                    break;
-                }
-                Err(e) => failed.push(format!("root {root:#x}: {e:#}")),
-            }
-        }
-        let Some((syms, kallsyms, kallsyms_key)) = found else {
-            anyhow::bail!("no vCPU's page tables map the kernel's symbols ({})", failed.join("; "));
-        };
+        let (syms, kallsyms, kallsyms_key) =
+            through_first_root(phys, &cpus, |via, lstar| self.kallsyms(via, lstar, &mut notes).map_err(|e| format!("{e:#}")))?;
         let mem = kernel_space(phys, &cpus, &syms)?;
         let start = syms.lookup_unique("__start_BTF")?;
         let stop = syms.lookup_unique("__stop_BTF")?;
@@ -186,8 +169,7 @@ impl TableCache {
                 (b, Origin::Guest)
             }
         };
-        drop(mem);
-        let k = Kernel::from_parts(phys, cpus, syms, btf)?;
+        let k = Kernel { mem, syms, btf, cpus };
         let origin = TablesOrigin {
             kallsyms,
             btf: btf_origin,
@@ -256,6 +238,12 @@ impl TableCache {
         let mut probe = vec![0u8; h.probe.len()];
         mem.read_virt(start, &mut probe).ok()?;
         if probe != h.probe {
+            return None;
+        }
+        // A hint is a host file that may be corrupt: never read more than a
+        // table run can be.
+        if h.len > MAX_EXTENT || h.probe.len() > PROBE_LEN {
+            notes.push(format!("kallsyms hint {key}: a run of {} bytes, probe {}: passed over", h.len, h.probe.len()));
             return None;
         }
         let run = mem.read_bytes(start, usize::try_from(h.len).ok()?).ok()?;

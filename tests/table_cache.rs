@@ -108,10 +108,18 @@ fn a_hit_answers_what_the_guest_decodes_and_changed_or_corrupt_bytes_are_not_use
     // A hint that points elsewhere, or is not a hint, is passed over.
     std::fs::write(dir.join(format!("kallsyms-{}.hint", "0".repeat(64))), br#"{"from_lstar":4096,"len":64,"relative_base_at":8,"probe":[1,2,3]}"#).unwrap();
     std::fs::write(dir.join(format!("kallsyms-{}.hint", "1".repeat(64))), b"not json").unwrap();
+    // A corrupt hint naming an absurd run (with a probe that matches the
+    // guest) is passed over by name, never read.
+    let good_hint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("kallsyms-{kkey}.hint"))).unwrap()).unwrap();
+    let mut huge = good_hint.clone();
+    huge["len"] = json!(1u64 << 40);
+    std::fs::write(dir.join(format!("kallsyms-{}.hint", "2".repeat(64))), serde_json::to_vec(&huge).unwrap()).unwrap();
     let (k6, o6) = cache.open_kernel(&ram, cpus.clone()).unwrap();
     assert_eq!(o6.kallsyms, Origin::Cache, "{o6:?}");
     assert_eq!(symbols(&k6), fresh_syms);
     assert!(o6.notes.iter().any(|n| n.contains(&"1".repeat(64))), "the bad hint is named: {:?}", o6.notes);
+    assert!(o6.notes.iter().any(|n| n.contains(&"2".repeat(64)) && n.contains("passed over")), "the huge hint is named: {:?}", o6.notes);
 }
 
 #[test]

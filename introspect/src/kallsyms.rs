@@ -406,7 +406,7 @@ impl Kallsyms {
 const TOKEN_INDEX_LEN: u64 = 512;
 /// The largest table run [`Kallsyms::extent`] describes (a distro kernel's
 /// is a few MiB).
-const MAX_EXTENT: u64 = 64 << 20;
+pub const MAX_EXTENT: u64 = 64 << 20;
 
 /// Where a guest's kallsyms tables lie, for a cache keyed by their bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

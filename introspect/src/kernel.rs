@@ -39,22 +39,12 @@ impl<'m> Kernel<'m> {
     /// top-level table ([`kernel_space`]), and BTF from
     /// `__start_BTF`..`__stop_BTF`.
     pub fn open(phys: &'m dyn PhysMem, cpus: Vec<CpuState>) -> Result<Kernel<'m>> {
-        let (lstar, la57) = boot_facts(&cpus)?;
-        let mut failed = Vec::new();
-        for root in root_candidates(&cpus) {
-            let mem = AddressSpace::new(phys, root, la57);
-            match Kallsyms::locate(&mem, lstar) {
-                Ok(syms) => {
-                    let mem = kernel_space(phys, &cpus, &syms)?;
-                    let start = syms.lookup_unique("__start_BTF")?;
-                    let stop = syms.lookup_unique("__stop_BTF")?;
-                    let btf = Btf::from_memory(&mem, start, stop)?;
-                    return Ok(Kernel { mem, syms, btf, cpus });
-                }
-                Err(e) => failed.push(format!("root {root:#x}: {e}")),
-            }
-        }
-        Err(IntrospectError::Kallsyms(format!("no vCPU's page tables map the kernel's symbols ({})", failed.join("; "))))
+        let syms = through_first_root(phys, &cpus, |mem, lstar| Kallsyms::locate(mem, lstar))?;
+        let mem = kernel_space(phys, &cpus, &syms)?;
+        let start = syms.lookup_unique("__start_BTF")?;
+        let stop = syms.lookup_unique("__stop_BTF")?;
+        let btf = Btf::from_memory(&mem, start, stop)?;
+        Ok(Kernel { mem, syms, btf, cpus })
     }
 
     /// Reassembles a kernel view from kallsyms and BTF decoded earlier (they
@@ -149,6 +139,25 @@ pub fn root_candidates(cpus: &[CpuState]) -> Vec<u64> {
         }
     }
     out
+}
+
+/// `find` (kallsyms, given the address space and LSTAR) through each of
+/// [`root_candidates`] in turn, until one succeeds; the error names every
+/// root tried and why it failed.
+pub fn through_first_root<T, E: std::fmt::Display>(
+    phys: &dyn PhysMem,
+    cpus: &[CpuState],
+    mut find: impl FnMut(&AddressSpace<'_>, u64) -> std::result::Result<T, E>,
+) -> Result<T> {
+    let (lstar, la57) = boot_facts(cpus)?;
+    let mut failed = Vec::new();
+    for root in root_candidates(cpus) {
+        match find(&AddressSpace::new(phys, root, la57), lstar) {
+            Ok(v) => return Ok(v),
+            Err(e) => failed.push(format!("root {root:#x}: {e}")),
+        }
+    }
+    Err(IntrospectError::Kallsyms(format!("no vCPU's page tables map the kernel's symbols ({})", failed.join("; "))))
 }
 
 /// The kernel's own address space: rooted at its top-level table
