@@ -124,6 +124,9 @@ enum Cmd {
         /// Patch module to apply (default: the test image's livepatch-sample.ko).
         #[arg(long)]
         module: Option<PathBuf>,
+        /// Kernel line of the test image (a directory of guest-images/).
+        #[arg(long, default_value = DEFAULT_GUEST)]
+        guest: String,
     },
 }
 
@@ -132,6 +135,9 @@ struct RunArgs {
     /// Kernel: a vmlinux ELF (booted through PVH) or a bzImage.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Without --kernel: the test image's kernel line (6.1, 6.12).
+    #[arg(long, default_value = DEFAULT_GUEST, conflicts_with = "kernel")]
+    guest: String,
     /// Initial ramdisk (uncompressed cpio is fastest here).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -251,7 +257,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Cmd::List => patch_verb(cli.api_sock.as_deref(), json!({"verb": "list"}), cli.json),
         Cmd::Force => patch_verb(cli.api_sock.as_deref(), json!({"verb": "force"}), cli.json),
         Cmd::Reverse => patch_verb(cli.api_sock.as_deref(), json!({"verb": "reverse"}), cli.json),
-        Cmd::Demo { module } => demo(module),
+        Cmd::Demo { module, guest } => demo(module, &guest),
         Cmd::Dump { out } => {
             let out = absolute(&out)?;
             client_verb(cli.api_sock.as_deref(), json!({"verb": "dump", "out": out}), cli.json)
@@ -268,22 +274,27 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The test image's directory, from `guest-images/build --print-dir`.
-fn test_image_dir() -> Result<PathBuf> {
+/// The kernel line `run` and `demo` boot when none is named. It stays the
+/// older line until every test passes on the newer one (issue 10).
+const DEFAULT_GUEST: &str = "6.1";
+
+/// The test image's directory for kernel line `line`, from
+/// `guest-images/build --print-dir LINE` (`HYPERPATCH_IMAGE_DIR` overrides).
+fn test_image_dir(line: &str) -> Result<PathBuf> {
     if let Ok(d) = std::env::var("HYPERPATCH_IMAGE_DIR") {
         return Ok(PathBuf::from(d));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/build");
     let out = std::process::Command::new(&script)
-        .arg("--print-dir")
+        .args(["--print-dir", line])
         .output()
-        .with_context(|| format!("running {} --print-dir", script.display()))?;
+        .with_context(|| format!("running {} --print-dir {line}", script.display()))?;
     if !out.status.success() {
-        bail!("{} --print-dir failed: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{} --print-dir {line} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !dir.join("done").exists() {
-        bail!("the test image is not built yet; build it with: {}", script.display());
+        bail!("the {line} test image is not built yet; build it with: {} {line}", script.display());
     }
     Ok(dir)
 }
@@ -310,7 +321,7 @@ fn run(args: RunArgs, api_sock: Option<&Path>) -> Result<ExitCode> {
         let (kernel, initrd) = match args.kernel {
             Some(k) => (k, args.initrd),
             None => {
-                let dir = test_image_dir()?;
+                let dir = test_image_dir(&args.guest)?;
                 let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
                 if !extra.trim().is_empty() {
                     cmdline.push(' ');
@@ -382,8 +393,8 @@ impl TeeConsole {
     }
 }
 
-fn demo(module: Option<PathBuf>) -> Result<ExitCode> {
-    let dir = test_image_dir()?;
+fn demo(module: Option<PathBuf>, guest: &str) -> Result<ExitCode> {
+    let dir = test_image_dir(guest)?;
     let mut cmdline = BASE_CMDLINE.to_string();
     let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
     cmdline.push(' ');

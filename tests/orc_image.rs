@@ -221,7 +221,9 @@ fn proc_lines(map: &SystemMap, tables: &OrcTables, st: &Stack) -> Vec<String> {
 fn load_tables(space: &AddressSpace, map: &SystemMap) -> OrcTables {
     let syms = SymbolAddrs::from_lookup(|n| map.by_name.get(n).copied()).unwrap();
     let t = Instant::now();
-    let tables = OrcTables::load(space, &syms).unwrap();
+    let btf = introspect::btf::Btf::from_memory(space, map.by_name["__start_BTF"], map.by_name["__stop_BTF"]).unwrap();
+    let format = introspect::orc_format::OrcFormat::from_btf(&btf).unwrap();
+    let tables = OrcTables::load(space, &syms, format).unwrap();
     println!(
         "ORC tables: {} vmlinux entries, fast lookup={}, loaded in {:.1} ms",
         tables.vmlinux_entries(),

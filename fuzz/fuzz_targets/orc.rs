@@ -11,9 +11,10 @@
 
 use introspect::error::{IntrospectError, Result};
 use introspect::orc::{
-    InactiveTaskFrameLayout, OrcEntry, OrcTables, PtRegsLayout, StackBounds, SymbolAddrs, UnwindStart,
+    InactiveTaskFrameLayout, OrcTables, PtRegsLayout, StackBounds, SymbolAddrs, UnwindStart,
 };
 use introspect::{CpuState, KernelMemory};
+use introspect::orc_format::OrcFormat;
 use introspect_fuzz::{le, FlatMemory, TEXT};
 use libfuzzer_sys::fuzz_target;
 
@@ -79,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
         for (i, b) in e.iter_mut().enumerate() {
             *b = data.get(at + 2 + i).copied().unwrap_or(0);
         }
-        entries.push(OrcEntry::decode(e));
+        entries.push(OrcFormat::LINUX_6_1.decode(e));
         at += 8;
     }
     let start_word = le::<8>(data, at);
@@ -114,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         None
     };
-    let Ok(mut tables) = OrcTables::from_parts(&syms, ips.clone(), entries.clone(), lookup) else { return };
+    let Ok(mut tables) = OrcTables::from_parts(&syms, OrcFormat::LINUX_6_1, ips.clone(), entries.clone(), lookup) else { return };
     if flags & 0x10 != 0 {
         // The same entries again as a "module" right after vmlinux text.
         let mod_ips: Vec<u64> = ips.iter().map(|i| i - TEXT + TEXT_END + 0x1000).collect();
@@ -200,7 +201,7 @@ fuzz_target!(|data: &[u8]| {
             text_end: base + 0x1000,
             ..SymbolAddrs::default()
         };
-        if let Ok(t) = OrcTables::load(&mem, &syms) {
+        if let Ok(t) = OrcTables::load(&mem, &syms, OrcFormat::LINUX_6_1) {
             let _ = t.uses_fast_lookup();
             for ip in (0..0x2000).step_by(7) {
                 let _ = t.find(base - 0x1000 + ip);

@@ -28,6 +28,8 @@ pub enum IntrospectError {
     Corrupt(String),
     #[error("unwind: {0}")]
     Unwind(String),
+    #[error("struct orc_entry in the guest's BTF: {0}: not an ORC format hyperpatch knows (6.1's with an end bit, 6.3's with signal, 6.4+'s typed)")]
+    UnknownOrcFormat(String),
     #[error("image file {path}: {detail}")]
     Image { path: String, detail: String },
     #[error("I/O: {0}")]

@@ -18,6 +18,7 @@ mod name_index;
 pub mod module_area;
 pub mod modules;
 pub mod orc;
+pub mod orc_format;
 pub mod stacks;
 pub mod tasks;
 pub mod translate;

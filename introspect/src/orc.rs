@@ -14,12 +14,13 @@
 use std::sync::Arc;
 use crate::cpu::CpuState;
 use crate::error::{IntrospectError, Result};
+use crate::orc_format::OrcFormat;
 use crate::translate::KernelMemory;
 
 /// Bytes of kernel text covered by one `orc_lookup` slot (`LOOKUP_BLOCK_SIZE`).
 pub const LOOKUP_BLOCK_SIZE: u64 = 1 << 8;
 /// Size of one `struct orc_entry` in the guest.
-pub const ORC_ENTRY_SIZE: u64 = 6;
+pub const ORC_ENTRY_SIZE: u64 = crate::orc_format::ORC_ENTRY_BYTES as u64;
 /// Most ORC entries accepted in one table (a distro kernel has well under 1M).
 pub const MAX_ORC_ENTRIES: u64 = 1 << 22;
 /// Most `orc_lookup` slots accepted (covers 1 GiB of kernel text).
@@ -43,7 +44,8 @@ pub mod orc_reg {
     pub const SP_INDIRECT: u8 = 9;
 }
 
-/// `orc_entry.type` values (`UNWIND_HINT_TYPE_*` in `linux/objtool.h`).
+/// hyperpatch's own numbering of an entry's type, the same whatever the
+/// guest's ([`crate::orc_format::OrcFormat`] maps the guest's numbers).
 pub mod orc_type {
     /// A normal call frame: the return address sits just below the previous SP.
     pub const CALL: u8 = 0;
@@ -51,10 +53,16 @@ pub mod orc_type {
     pub const REGS: u8 = 1;
     /// Only the hardware IRET frame of a `pt_regs`.
     pub const REGS_PARTIAL: u8 = 2;
+    /// No unwind data here (6.4+ `ORC_TYPE_UNDEFINED`): unreliable.
+    pub const UNDEFINED: u8 = 3;
+    /// The end of the stack (6.4+ `ORC_TYPE_END_OF_STACK`).
+    pub const END_OF_STACK: u8 = 4;
+    /// Or-ed with a type number the guest's format does not define.
+    pub const UNKNOWN_BASE: u8 = 0x80;
 }
 
-/// One decoded `struct orc_entry` (Linux 6.1, little-endian bitfields:
-/// `sp_reg:4 bp_reg:4 type:2 end:1` in the u16 after the two offsets).
+/// One decoded `struct orc_entry`, in hyperpatch's format-neutral terms
+/// (see [`crate::orc_format`] for the guest's bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrcEntry {
     pub sp_offset: i16,
@@ -63,37 +71,16 @@ pub struct OrcEntry {
     pub bp_reg: u8,
     /// `type`: one of [`orc_type`].
     pub kind: u8,
-    /// End-of-stack hint (`UNWIND_HINT_EMPTY` has `sp_reg` undefined and `end`).
+    /// Up to 6.3, the end-of-stack hint (`UNWIND_HINT_EMPTY` has `sp_reg`
+    /// undefined and `end`); from 6.4 that is [`orc_type::END_OF_STACK`].
     pub end: bool,
+    /// The IP of the frame this entry unwinds to is not a return address
+    /// (it is looked up as it is, not minus one). Up to 6.2 every regs
+    /// frame; from 6.3 the entry's own `signal` bit.
+    pub signal: bool,
 }
 
 impl OrcEntry {
-    /// Decodes the guest's 6-byte little-endian representation.
-    pub fn decode(b: [u8; 6]) -> OrcEntry {
-        let [s0, s1, b0, b1, f0, f1] = b;
-        let flags = u16::from_le_bytes([f0, f1]);
-        OrcEntry {
-            sp_offset: i16::from_le_bytes([s0, s1]),
-            bp_offset: i16::from_le_bytes([b0, b1]),
-            sp_reg: (flags & 0xf) as u8,
-            bp_reg: ((flags >> 4) & 0xf) as u8,
-            kind: ((flags >> 8) & 0x3) as u8,
-            end: (flags >> 10) & 1 != 0,
-        }
-    }
-
-    /// The guest's 6-byte representation (for building tables by hand).
-    pub fn encode(&self) -> [u8; 6] {
-        let flags: u16 = u16::from(self.sp_reg & 0xf)
-            | (u16::from(self.bp_reg & 0xf) << 4)
-            | (u16::from(self.kind & 0x3) << 8)
-            | (u16::from(self.end) << 10);
-        let [s0, s1] = self.sp_offset.to_le_bytes();
-        let [b0, b1] = self.bp_offset.to_le_bytes();
-        let [f0, f1] = flags.to_le_bytes();
-        [s0, s1, b0, b1, f0, f1]
-    }
-
     /// The kernel's `orc_fp_entry`: the frame-pointer guess used for code
     /// without ORC data (the rest of such an unwind is unreliable).
     pub const FRAME_POINTER_GUESS: OrcEntry = OrcEntry {
@@ -103,6 +90,7 @@ impl OrcEntry {
         bp_reg: orc_reg::PREV_SP,
         kind: orc_type::CALL,
         end: false,
+        signal: false,
     };
 }
 
@@ -212,6 +200,8 @@ pub struct OrcTables {
     lock_text: Option<(u64, u64)>,
     modules: Vec<OrcTable>,
     trampolines: Vec<TrampolineAlias>,
+    /// The guest's entry format (module tables are decoded with it too).
+    format: OrcFormat,
 }
 
 /// Reads `len` bytes of guest memory in bounded pieces.
@@ -233,7 +223,14 @@ fn read_table(mem: &dyn KernelMemory, addr: u64, len: u64, what: &str) -> Result
 }
 
 /// Reads and decodes `count` (IP, entry) pairs; checks the IPs are sorted.
-fn read_orc_pair(mem: &dyn KernelMemory, ip_table: u64, orc_table: u64, count: u64, what: &str) -> Result<(Vec<u64>, Vec<OrcEntry>)> {
+fn read_orc_pair(
+    mem: &dyn KernelMemory,
+    format: &OrcFormat,
+    ip_table: u64,
+    orc_table: u64,
+    count: u64,
+    what: &str,
+) -> Result<(Vec<u64>, Vec<OrcEntry>)> {
     if count == 0 {
         return Err(IntrospectError::Unwind(format!("{what}: empty ORC table")));
     }
@@ -259,7 +256,7 @@ fn read_orc_pair(mem: &dyn KernelMemory, ip_table: u64, orc_table: u64, count: u
     }
     let entries: Vec<OrcEntry> = orc_bytes
         .chunks_exact(ORC_ENTRY_SIZE as usize)
-        .map(|c| OrcEntry::decode([c[0], c[1], c[2], c[3], c[4], c[5]]))
+        .map(|c| format.decode([c[0], c[1], c[2], c[3], c[4], c[5]]))
         .collect();
     if entries.len() != ips.len() {
         return Err(IntrospectError::Unwind(format!("{what}: {} IPs but {} entries", ips.len(), entries.len())));
@@ -285,7 +282,7 @@ fn in_range(range: Option<(u64, u64)>, ip: u64) -> bool {
 impl OrcTables {
     /// Copies vmlinux's ORC tables out of guest memory and validates them
     /// (equal counts, sorted IPs, a consistent `orc_lookup`).
-    pub fn load(mem: &dyn KernelMemory, syms: &SymbolAddrs) -> Result<OrcTables> {
+    pub fn load(mem: &dyn KernelMemory, syms: &SymbolAddrs, format: OrcFormat) -> Result<OrcTables> {
         let n_ips = table_count(syms.start_orc_unwind_ip, syms.stop_orc_unwind_ip, 4, "__start_orc_unwind_ip")?;
         let n_orcs = table_count(syms.start_orc_unwind, syms.stop_orc_unwind, ORC_ENTRY_SIZE, "__start_orc_unwind")?;
         if n_ips != n_orcs {
@@ -299,7 +296,7 @@ impl OrcTables {
                 syms.text_start, syms.text_end
             )));
         }
-        let (ips, entries) = read_orc_pair(mem, syms.start_orc_unwind_ip, syms.start_orc_unwind, n_ips, "vmlinux")?;
+        let (ips, entries) = read_orc_pair(mem, &format, syms.start_orc_unwind_ip, syms.start_orc_unwind, n_ips, "vmlinux")?;
         let vmlinux = OrcTable { text_start: syms.text_start, text_end: syms.text_end, ips, entries };
 
         let n_blocks = table_count(syms.orc_lookup, syms.orc_lookup_end, 4, "orc_lookup")?;
@@ -322,12 +319,20 @@ impl OrcTables {
             lock_text: syms.lock_text,
             modules: Vec::new(),
             trampolines: Vec::new(),
+            format,
         })
     }
 
     /// Builds the tables from host data (tests, or code the host placed in
-    /// the guest): `ips` absolute and sorted, one entry per IP.
-    pub fn from_parts(syms: &SymbolAddrs, ips: Vec<u64>, entries: Vec<OrcEntry>, lookup: Option<Vec<u32>>) -> Result<OrcTables> {
+    /// the guest): `ips` absolute and sorted, one entry per IP; `format` is
+    /// the one modules' tables will be read in.
+    pub fn from_parts(
+        syms: &SymbolAddrs,
+        format: OrcFormat,
+        ips: Vec<u64>,
+        entries: Vec<OrcEntry>,
+        lookup: Option<Vec<u32>>,
+    ) -> Result<OrcTables> {
         let vmlinux = Self::host_table(syms.text_start, syms.text_end, ips, entries)?;
         let lookup = lookup.and_then(|l| Self::validated_lookup(l, &vmlinux));
         Ok(OrcTables {
@@ -339,7 +344,13 @@ impl OrcTables {
             lock_text: syms.lock_text,
             modules: Vec::new(),
             trampolines: Vec::new(),
+            format,
         })
+    }
+
+    /// The guest's ORC entry format.
+    pub fn format(&self) -> &OrcFormat {
+        &self.format
     }
 
     fn host_table(text_start: u64, text_end: u64, ips: Vec<u64>, entries: Vec<OrcEntry>) -> Result<OrcTable> {
@@ -396,6 +407,7 @@ impl OrcTables {
             lock_text: self.lock_text,
             modules: Vec::new(),
             trampolines: Vec::new(),
+            format: self.format,
         }
     }
 
@@ -417,7 +429,7 @@ impl OrcTables {
         count: u64,
     ) -> Result<()> {
         let what = format!("module text {text_start:#x}");
-        let (ips, entries) = read_orc_pair(mem, ip_table_addr, orc_addr, count, &what)?;
+        let (ips, entries) = read_orc_pair(mem, &self.format, ip_table_addr, orc_addr, count, &what)?;
         self.add_host_table(text_start, text_end, ips, entries)
     }
 
@@ -776,12 +788,18 @@ impl Walk<'_> {
             }
         };
 
+        match orc.kind {
+            orc_type::END_OF_STACK => return Ok(Step::End),
+            orc_type::UNDEFINED => return Err(format!("no ORC unwind data at {orig_ip:#x} (type undefined)")),
+            _ => {}
+        }
         if orc.sp_reg == orc_reg::UNDEFINED {
             if orc.end {
                 return Ok(Step::End);
             }
             return Err(format!("no ORC unwind data at {orig_ip:#x} (undefined SP, no end hint)"));
         }
+        st.signal = orc.signal;
 
         let add = |base: u64, off: i16, what: &str| -> std::result::Result<u64, String> {
             base.checked_add_signed(i64::from(off)).ok_or_else(|| format!("{what} {base:#x}{off:+} overflows"))
@@ -825,7 +843,6 @@ impl Walk<'_> {
                 st.sp = sp;
                 st.regs = None;
                 st.prev_regs = None;
-                st.signal = false;
                 st.kind = FrameKind::Call;
             }
             orc_type::REGS => {
@@ -837,7 +854,6 @@ impl Walk<'_> {
                 st.regs = Some(RegsAt::Memory(sp));
                 st.prev_regs = None;
                 st.full_regs = true;
-                st.signal = true;
                 st.kind = FrameKind::Regs;
             }
             orc_type::REGS_PARTIAL => {
@@ -853,7 +869,6 @@ impl Walk<'_> {
                 }
                 st.regs = Some(RegsAt::Memory(base));
                 st.full_regs = false;
-                st.signal = true;
                 st.kind = FrameKind::PartialRegs;
             }
             other => return Err(format!("unknown ORC entry type {other} at {orig_ip:#x}")),
@@ -1061,7 +1076,7 @@ mod tests {
     const F_LOOP: u64 = TEXT + 0x500; // sp_offset 0: would loop
 
     fn call(sp_offset: i16) -> OrcEntry {
-        OrcEntry { sp_offset, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::CALL, end: false }
+        OrcEntry { sp_offset, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::CALL, end: false, signal: false }
     }
 
     fn syms() -> SymbolAddrs {
@@ -1075,8 +1090,8 @@ mod tests {
     }
 
     fn table_parts() -> (Vec<u64>, Vec<OrcEntry>) {
-        let end = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::UNDEFINED, bp_reg: 0, kind: orc_type::CALL, end: true };
-        let regs = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::REGS, end: false };
+        let end = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::UNDEFINED, bp_reg: 0, kind: orc_type::CALL, end: true, signal: false };
+        let regs = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::REGS, end: false, signal: true };
         let gap = OrcEntry { end: false, ..end };
         let ips = vec![F_SCHED, F_MID, F_ENTRY, F_START, F_GAP, F_LOOP, RET_FROM_FORK];
         let entries = vec![call(0x30), call(0x10), regs, end, gap, call(0), end];
@@ -1096,7 +1111,7 @@ mod tests {
     fn tables() -> OrcTables {
         let (ips, entries) = table_parts();
         let lookup = lookup_for(&ips);
-        let t = OrcTables::from_parts(&syms(), ips, entries, Some(lookup)).unwrap();
+        let t = OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, ips, entries, Some(lookup)).unwrap();
         assert!(t.uses_fast_lookup());
         t
     }
@@ -1154,18 +1169,10 @@ mod tests {
     }
 
     #[test]
-    fn decodes_6_1_bitfields() {
-        // sp_reg=SP(5), bp_reg=PREV_SP(1), type=REGS(1), end=1.
-        let e = OrcEntry::decode([0x10, 0x00, 0xf0, 0xff, 0x15, 0x05]);
-        assert_eq!(e, OrcEntry { sp_offset: 16, bp_offset: -16, sp_reg: 5, bp_reg: 1, kind: 1, end: true });
-        assert_eq!(OrcEntry::decode(e.encode()), e);
-    }
-
-    #[test]
     fn lookup_matches_full_search() {
         let t = tables();
         let (ips, entries) = table_parts();
-        let slow = OrcTables::from_parts(&syms(), ips, entries, None).unwrap();
+        let slow = OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, ips, entries, None).unwrap();
         assert!(!slow.uses_fast_lookup());
         for ip in (TEXT..TEXT_END).step_by(7) {
             assert_eq!(t.find(ip), slow.find(ip), "ip {ip:#x}");
@@ -1270,14 +1277,14 @@ mod tests {
         // Place its own return at regs - 8 + 0x10 - 8 ... simpler: make the module
         // frame an end hint.
         let mut t = tables();
-        let end = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::UNDEFINED, bp_reg: 0, kind: 0, end: true };
+        let end = OrcEntry { sp_offset: 0, bp_offset: 0, sp_reg: orc_reg::UNDEFINED, bp_reg: 0, kind: 0, end: true, signal: false };
         // Guest-resident module table: ip table (s32 relative) + entries.
         let ip_tab = 0xffff_ffff_c010_0000u64;
         let orc_tab = ip_tab + 0x100;
         let mut bytes = vec![0u8; 0x200];
         let rel = (module_text as i64 - ip_tab as i64) as i32;
         bytes[0..4].copy_from_slice(&rel.to_le_bytes());
-        bytes[0x100..0x106].copy_from_slice(&end.encode());
+        bytes[0x100..0x106].copy_from_slice(&OrcFormat::LINUX_6_1.encode(&end).unwrap());
         let mem = RegionMemory(vec![(STACK_LO, s.0.clone()), (ip_tab, bytes)]);
         t.add_module_table(&mem, module_text, module_text + 0x1000, ip_tab, orc_tab, 1).unwrap();
         let st = t.unwind(&mem, sleeping(thread_sp), &layout(), 64);
@@ -1344,11 +1351,11 @@ mod tests {
     fn bad_tables_are_rejected() {
         let (mut ips, entries) = table_parts();
         ips.swap(0, 1);
-        assert!(OrcTables::from_parts(&syms(), ips, entries.clone(), None).is_err());
-        assert!(OrcTables::from_parts(&syms(), vec![TEXT], entries, None).is_err());
+        assert!(OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, ips, entries.clone(), None).is_err());
+        assert!(OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, vec![TEXT], entries, None).is_err());
         // A lookup table with out-of-range indices is ignored (full search).
         let (ips, entries) = table_parts();
-        let t = OrcTables::from_parts(&syms(), ips, entries, Some(vec![99; 20])).unwrap();
+        let t = OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, ips, entries, Some(vec![99; 20])).unwrap();
         assert!(!t.uses_fast_lookup());
         // Loading from unreadable memory, or with inconsistent sizes.
         let mem = RegionMemory(vec![]);
@@ -1357,9 +1364,9 @@ mod tests {
         s.stop_orc_unwind_ip = 0x1008;
         s.start_orc_unwind = 0x2000;
         s.stop_orc_unwind = 0x2006;
-        assert!(OrcTables::load(&mem, &s).is_err());
+        assert!(OrcTables::load(&mem, &s, OrcFormat::LINUX_6_1).is_err());
         s.stop_orc_unwind = 0x200c;
-        assert!(OrcTables::load(&mem, &s).is_err());
+        assert!(OrcTables::load(&mem, &s, OrcFormat::LINUX_6_1).is_err());
     }
 
     /// Random stacks and tables: the walk must end without panicking.
@@ -1380,11 +1387,13 @@ mod tests {
                 .map(|_| {
                     let r = next();
                     let b = r.to_le_bytes();
-                    OrcEntry::decode([b[0], b[1] & 0x80, b[2], b[3], b[4], b[5]])
+                    // Both known formats: every entry either format reads must be walked safely.
+                    let format = if round % 2 == 0 { OrcFormat::LINUX_6_1 } else { OrcFormat::LINUX_6_4 };
+                    format.decode([b[0], b[1] & 0x80, b[2], b[3], b[4], b[5]])
                 })
                 .collect();
             let lookup = if round % 2 == 0 { Some(lookup_for(&ips)) } else { None };
-            let t = OrcTables::from_parts(&syms(), ips, entries, lookup).unwrap();
+            let t = OrcTables::from_parts(&syms(), OrcFormat::LINUX_6_1, ips, entries, lookup).unwrap();
             let mut s = StackBuilder::new();
             for i in (0..0x4000u64).step_by(8) {
                 let v = match next() % 4 {

@@ -9,6 +9,7 @@ use crate::error::{IntrospectError, Result};
 use crate::kernel::Kernel;
 use crate::modules::Module;
 use crate::orc::{InactiveTaskFrameLayout, OrcTables, PtRegsLayout, Stack, StackBounds, SymbolAddrs, UnwindStart};
+use crate::orc_format::OrcFormat;
 use crate::tasks::Task;
 use crate::translate::KernelMemory;
 
@@ -120,7 +121,7 @@ impl Kernel<'_> {
     /// change while the kernel runs: read once, then [`Self::unwinder_with`]).
     pub fn vmlinux_orc(&self) -> Result<OrcTables> {
         let syms = SymbolAddrs::from_lookup(|n| self.syms.lookup_unique(n).ok())?;
-        OrcTables::load(&self.mem, &syms)
+        OrcTables::load(&self.mem, &syms, OrcFormat::from_btf(&self.btf)?)
     }
 
     /// An unwinder over `vmlinux` (read before, shared not copied; read now

@@ -322,7 +322,7 @@ fn emit_prev_state(c: &mut Code, style: &CodeStyle, table: u64) -> Result<()> {
 }
 
 fn orc(sp_offset: i16) -> OrcEntry {
-    OrcEntry { sp_offset, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::CALL, end: false }
+    OrcEntry { sp_offset, bp_offset: 0, sp_reg: orc_reg::SP, bp_reg: orc_reg::UNDEFINED, kind: orc_type::CALL, end: false, signal: false }
 }
 
 impl CallEngine {

@@ -5,6 +5,7 @@
 //! `__fentry__` calls become the ftrace NOP, as the guest's module loader
 //! and ftrace would leave them.
 
+use introspect::orc_format::OrcFormat;
 use std::collections::HashMap;
 
 use goblin::elf::reloc::*;
@@ -53,9 +54,9 @@ pub fn parse_klp_sym(name: &str) -> Option<(Option<String>, String, u64)> {
 }
 
 /// Allocates and links `m`. On error every allocation made here is freed.
-pub fn link(m: &PatchModule, region: &mut Region, resolver: &dyn SymbolResolver) -> Result<LinkedModule> {
+pub fn link(m: &PatchModule, region: &mut Region, resolver: &dyn SymbolResolver, orc_format: &OrcFormat) -> Result<LinkedModule> {
     let mut allocations = Vec::new();
-    let r = link_inner(m, region, resolver, &mut allocations);
+    let r = link_inner(m, region, resolver, orc_format, &mut allocations);
     if r.is_err() {
         for a in &allocations {
             region.free(a);
@@ -68,6 +69,7 @@ fn link_inner(
     m: &PatchModule,
     region: &mut Region,
     resolver: &dyn SymbolResolver,
+    orc_format: &OrcFormat,
     allocations: &mut Vec<Allocation>,
 ) -> Result<LinkedModule> {
     let mut section_base = HashMap::new();
@@ -164,15 +166,17 @@ fn link_inner(
         .into_iter()
         .filter_map(|(i, bytes)| phys_base.get(&i).map(|p| (*p, bytes)))
         .collect();
-    let orc = orc_table(m, &section_base);
+    let orc = orc_table(m, &section_base, orc_format);
     Ok(LinkedModule { allocations: allocations.clone(), section_base, images, orc })
 }
 
 /// The module's `.orc_unwind_ip`/`.orc_unwind` at the placed addresses;
 /// `None` when the module has none or they do not make sense.
+/// Its entries are in the guest kernel's format (a module is built for it).
 fn orc_table(
     m: &PatchModule,
     section_base: &HashMap<usize, u64>,
+    format: &OrcFormat,
 ) -> Option<(u64, u64, Vec<u64>, Vec<introspect::orc::OrcEntry>)> {
     let ip_sec = m.sections.iter().position(|s| s.name == ".orc_unwind_ip")?;
     let orc_sec = m.sections.iter().position(|s| s.name == ".orc_unwind")?;
@@ -188,7 +192,7 @@ fn orc_table(
         let base = section_base.get(&sym.section?)?;
         let ip = (i128::from(*base) + i128::from(sym.value) + i128::from(r.addend)) as u64;
         let b: [u8; 6] = raw.get(i * 6..i * 6 + 6)?.try_into().ok()?;
-        pairs.push((ip, introspect::orc::OrcEntry::decode(b)));
+        pairs.push((ip, format.decode(b)));
     }
     pairs.sort_by_key(|p| p.0);
     let text: Vec<(u64, u64)> = m

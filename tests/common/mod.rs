@@ -47,13 +47,21 @@ pub const READY_CMDLINE: &str = "clocksource=kvm-clock";
 /// with [`READY_CMDLINE`].
 const READY_RECIPE: &str = "quiet-kvmclock";
 
-/// Directory of the built test image (kernel, initramfs, modules).
+/// The kernel line the tests run on: `HYPERPATCH_GUEST` (a directory of
+/// `guest-images/`), default 6.1.
+pub fn guest_line() -> String {
+    std::env::var("HYPERPATCH_GUEST").unwrap_or_else(|_| "6.1".to_string())
+}
+
+/// Directory of the built test image (kernel, initramfs, modules) of
+/// [`guest_line`]; `HYPERPATCH_IMAGE_DIR` overrides it.
 pub fn image_dir() -> PathBuf {
     if let Ok(d) = std::env::var("HYPERPATCH_IMAGE_DIR") {
         return PathBuf::from(d);
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/build");
-    let out = Command::new(&script).arg("--print-dir").output().expect("guest-images/build --print-dir");
+    let line = guest_line();
+    let out = Command::new(&script).args(["--print-dir", &line]).output().expect("guest-images/build --print-dir");
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert!(
         dir.join("done").exists(),
