@@ -184,7 +184,7 @@ impl Kallsyms {
             let growth = scan.grow();
             let len = scan.region.bytes.len();
             let to = if growth == Growth::More { len.saturating_sub(TOKEN_LOOKAHEAD) } else { len };
-            if let Some(k) = search.run(&scan.region, to, lstar)? {
+            if let Some(k) = search.run(&scan.region, to, lstar, growth != Growth::More)? {
                 let run = k.extent().and_then(|e| scan.region.slice(e.start, e.len, "").ok().map(<[u8]>::to_vec));
                 return Ok((k, run));
             }
@@ -319,32 +319,41 @@ impl Kallsyms {
         self.tables.as_ref()
     }
 
-    /// The guest memory the decoded symbols came from: one run from
-    /// `kallsyms_offsets` to the end of `kallsyms_token_index`, holding every
-    /// table in the order this decoder reads them. Two guests whose runs
+    /// The guest memory the decoded symbols came from: one run holding
+    /// every table, from `kallsyms_offsets` to the end of
+    /// `kallsyms_token_index` (6.1 order) or from `kallsyms_num_syms` to the
+    /// end of `kallsyms_seqs_of_names` (6.12 order). Two guests whose runs
     /// are byte-identical, apart from `kallsyms_relative_base` (which KASLR
     /// relocates), decode to the same symbols shifted by the difference of
     /// their relative bases. `None` when the tables were not found in
-    /// memory or are laid out in another order.
+    /// memory or are laid out in neither order.
     pub fn extent(&self) -> Option<TablesExtent> {
         let t = self.tables.as_ref()?;
-        let in_order = t.offsets < t.relative_base_addr
+        let seqs_end = t.seqs_of_names.checked_add(3 * u64::from(t.num_syms))?;
+        let index_end = t.token_index.checked_add(TOKEN_INDEX_LEN)?;
+        let offsets_first = t.offsets < t.relative_base_addr
             && t.relative_base_addr < t.num_syms_addr
             && t.num_syms_addr < t.names
             && t.names < t.markers
             && t.markers < t.seqs_of_names
             && t.seqs_of_names < t.token_table
             && t.token_table < t.token_index;
-        if !in_order {
+        let tokens_first = t.num_syms_addr < t.names
+            && t.names < t.markers
+            && t.markers < t.token_table
+            && t.token_table < t.token_index
+            && t.token_index < t.offsets
+            && t.offsets < t.relative_base_addr
+            && t.relative_base_addr < t.seqs_of_names;
+        let (start, end) = if offsets_first {
+            (t.offsets, index_end)
+        } else if tokens_first {
+            (t.num_syms_addr, seqs_end)
+        } else {
             return None;
-        }
-        let end = t.token_index.checked_add(TOKEN_INDEX_LEN)?;
-        let len = end.checked_sub(t.offsets)?;
-        (len <= MAX_EXTENT).then_some(TablesExtent {
-            start: t.offsets,
-            len,
-            relative_base_at: t.relative_base_addr - t.offsets,
-        })
+        };
+        let len = end.checked_sub(start)?;
+        (len <= MAX_EXTENT).then_some(TablesExtent { start, len, relative_base_at: t.relative_base_addr - start })
     }
 
     /// Fails unless the decoded kernel, from the relative base to its
@@ -745,12 +754,29 @@ fn symbol_addresses(offsets: &[i32], relative_base: u64) -> Result<(Vec<u64>, bo
     Ok((addrs, absolute_percpu))
 }
 
-/// Where the tables before the token table would be if `kallsyms_num_syms`
-/// were at `num_syms_addr`. Every position follows from the count: the seqs
-/// end (8-aligned) at the token table, the markers at the seqs, the names
-/// start right after the count and end (8-aligned) at the markers.
+/// The order `scripts/kallsyms.c` emits the tables in. It is not a
+/// compile-time option but differs between kernel lines, so the decoder
+/// tries both and keeps the one that decodes consistently (markers, seqs
+/// permutation, sorted addresses, LSTAR inside).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TableOrder {
+    /// offsets, relative_base, num_syms, names, markers, seqs_of_names,
+    /// token_table, token_index (the 6.1 line).
+    OffsetsFirst,
+    /// num_syms, names, markers, token_table, token_index, offsets,
+    /// relative_base, seqs_of_names (the 6.12 line).
+    TokensBeforeOffsets,
+}
+
+const TABLE_ORDERS: [TableOrder; 2] = [TableOrder::OffsetsFirst, TableOrder::TokensBeforeOffsets];
+
+/// Where every table would be if `kallsyms_num_syms` were at
+/// `num_syms_addr` and the tables came in `order`. Every position follows
+/// from the count and the token table: each table starts 8-aligned
+/// (`.balign 8` before every label), the names start right after the count.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
+    order: TableOrder,
     num_syms: u32,
     num_syms_addr: u64,
     names: u64,
@@ -758,12 +784,25 @@ struct Layout {
     markers: u64,
     markers_count: u64,
     seqs: u64,
+    offsets: u64,
+    relative_base_addr: u64,
+}
+
+impl Layout {
+    /// One past the last byte of the tables that follow the token index
+    /// (the region must reach it before the layout can be decoded).
+    fn end(&self) -> Option<u64> {
+        match self.order {
+            TableOrder::OffsetsFirst => None,
+            TableOrder::TokensBeforeOffsets => self.seqs.checked_add(3 * u64::from(self.num_syms)),
+        }
+    }
 }
 
 /// Cheap test of a `kallsyms_num_syms` candidate: plausible count with a
 /// zero pad word, markers[0] == 0 and the first 256 names ending where
 /// markers[1] (or the markers table) says.
-fn candidate_layout(region: &Region, tt: &TokenTable, num_syms_addr: u64) -> Option<Layout> {
+fn candidate_layout(region: &Region, tt: &TokenTable, num_syms_addr: u64, order: TableOrder) -> Option<Layout> {
     let num_syms = region.u32_at(num_syms_addr, "").ok()?;
     let pad = region.u32_at(num_syms_addr.checked_add(4)?, "").ok()?;
     if num_syms == 0 || num_syms > MAX_SYMS || pad != 0 {
@@ -771,9 +810,21 @@ fn candidate_layout(region: &Region, tt: &TokenTable, num_syms_addr: u64) -> Opt
     }
     let n = u64::from(num_syms);
     let names = num_syms_addr.checked_add(8)?;
-    let seqs = tt.addr.checked_sub(align_up(3 * n, 8)?)?;
     let markers_count = n.div_ceil(256);
-    let markers = seqs.checked_sub(align_up(4 * markers_count, 8)?)?;
+    let markers_len = align_up(4 * markers_count, 8)?;
+    let offsets_len = align_up(4 * n, 8)?;
+    let (markers, seqs, offsets, relative_base_addr) = match order {
+        TableOrder::OffsetsFirst => {
+            let seqs = tt.addr.checked_sub(align_up(3 * n, 8)?)?;
+            let relative_base_addr = num_syms_addr.checked_sub(8)?;
+            (seqs.checked_sub(markers_len)?, seqs, relative_base_addr.checked_sub(offsets_len)?, relative_base_addr)
+        }
+        TableOrder::TokensBeforeOffsets => {
+            let offsets = align_up(tt.index_addr.checked_add(TOKEN_INDEX_LEN)?, 8)?;
+            let relative_base_addr = offsets.checked_add(offsets_len)?;
+            (tt.addr.checked_sub(markers_len)?, relative_base_addr.checked_add(8)?, offsets, relative_base_addr)
+        }
+    };
     let names_len = markers.checked_sub(names)?;
     if names_len < 2 * n {
         return None;
@@ -795,7 +846,18 @@ fn candidate_layout(region: &Region, tt: &TokenTable, num_syms_addr: u64) -> Opt
     } else if align_up(names.checked_add(off as u64)?, 8)? != markers {
         return None;
     }
-    Some(Layout { num_syms, num_syms_addr, names, names_len, markers, markers_count, seqs })
+    Some(Layout {
+        order,
+        num_syms,
+        num_syms_addr,
+        names,
+        names_len,
+        markers,
+        markers_count,
+        seqs,
+        offsets,
+        relative_base_addr,
+    })
 }
 
 /// Full decode of a candidate layout: every name against the markers, the
@@ -840,12 +902,10 @@ fn decode_layout(region: &Region, tt: &TokenTable, l: &Layout) -> Result<(Vec<Sy
         *word |= 1 << (seq % 64);
     }
 
-    let relative_base_addr = l.num_syms_addr.checked_sub(8).ok_or(IntrospectError::Overflow(l.num_syms_addr))?;
+    let relative_base_addr = l.relative_base_addr;
     let relative_base = region.u64_at(relative_base_addr, "kallsyms_relative_base")?;
     let offsets_len = 4 * u64::from(l.num_syms);
-    let offsets_addr = relative_base_addr
-        .checked_sub(align_up(offsets_len, 8).ok_or(IntrospectError::Overflow(offsets_len))?)
-        .ok_or(IntrospectError::Overflow(relative_base_addr))?;
+    let offsets_addr = l.offsets;
     let offsets_raw = region.slice(offsets_addr, offsets_len, "kallsyms_offsets")?;
     let offsets: Vec<i32> = offsets_raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let (addrs, absolute_percpu) = symbol_addresses(&offsets, relative_base)?;
@@ -867,18 +927,32 @@ fn decode_layout(region: &Region, tt: &TokenTable, l: &Layout) -> Result<(Vec<Sy
     Ok((symbols, tables))
 }
 
-/// Decodes the kallsyms tables that end with token table `tt`, checking
-/// that `lstar` falls inside the decoded kernel. Tries every 8-aligned
-/// `kallsyms_num_syms` position before the token table, nearest first.
-fn decode_before_tokens(region: &Region, tt: &TokenTable, lstar: u64) -> Result<Kallsyms> {
-    // kallsyms_num_syms is 8-aligned and at least a pad word, a name, the
-    // markers and the seqs (8 bytes each at least) before the token table.
+/// What [`decode_around_tokens`] found.
+enum TokensOutcome {
+    Decoded(Kallsyms),
+    /// A layout whose tables continue past the region's end, which is not
+    /// yet final: decode again once the region has grown.
+    NeedsMore,
+}
+
+/// Decodes the kallsyms tables around token table `tt`, checking that
+/// `lstar` falls inside the decoded kernel. Tries every 8-aligned
+/// `kallsyms_num_syms` position before the token table, nearest first, in
+/// each [`TableOrder`]. `region_final` says the region will not grow.
+fn decode_around_tokens(region: &Region, tt: &TokenTable, lstar: u64, region_final: bool) -> Result<TokensOutcome> {
+    // kallsyms_num_syms is 8-aligned and at least a pad word, a name and
+    // the markers (8 bytes each at least) before the token table.
     let lowest = region.base.max(tt.addr.saturating_sub(MAX_TABLES_BEFORE_TOKENS));
-    let mut at = tt.addr.checked_sub(32).map(|a| a & !7);
+    let mut at = tt.addr.checked_sub(24).map(|a| a & !7);
+    let region_end = region.va(region.bytes.len())?;
     let mut last_err = None;
     let mut full_decodes = 0usize;
     while let Some(x) = at.filter(|x| *x >= lowest) {
-        if let Some(layout) = candidate_layout(region, tt, x) {
+        for order in TABLE_ORDERS {
+            let Some(layout) = candidate_layout(region, tt, x, order) else { continue };
+            if layout.end().is_some_and(|e| e > region_end) && !region_final {
+                return Ok(TokensOutcome::NeedsMore);
+            }
             full_decodes += 1;
             if full_decodes > MAX_FULL_DECODES {
                 break;
@@ -888,10 +962,13 @@ fn decode_before_tokens(region: &Region, tt: &TokenTable, lstar: u64) -> Result<
                     let mut k = Kallsyms::from_symbols(symbols);
                     k.tables = Some(tables);
                     k.check_contains(lstar)?;
-                    return Ok(k);
+                    return Ok(TokensOutcome::Decoded(k));
                 }
                 Err(e) => last_err = Some(e),
             }
+        }
+        if full_decodes > MAX_FULL_DECODES {
+            break;
         }
         at = x.checked_sub(8);
     }
@@ -914,7 +991,9 @@ struct SearchState {
 
 impl SearchState {
     /// Tries every signature hit starting in `next..to`; Some on success.
-    fn run(&mut self, region: &Region, to: usize, lstar: u64) -> Result<Option<Kallsyms>> {
+    /// A hit whose tables continue past the region (not yet `region_final`)
+    /// is tried again after the region grows.
+    fn run(&mut self, region: &Region, to: usize, lstar: u64, region_final: bool) -> Result<Option<Kallsyms>> {
         while let Some(hit) = find_digit_tokens(&region.bytes, self.next, to) {
             self.next = hit + 1;
             self.hits += 1;
@@ -933,10 +1012,19 @@ impl SearchState {
                     continue;
                 }
             };
-            self.token_tables += 1;
-            match decode_before_tokens(region, &tt, lstar) {
-                Ok(k) => return Ok(Some(k)),
-                Err(e) => self.table_err = Some(e),
+            match decode_around_tokens(region, &tt, lstar, region_final) {
+                Ok(TokensOutcome::Decoded(k)) => return Ok(Some(k)),
+                Ok(TokensOutcome::NeedsMore) => {
+                    // Not counted as a tried token table: the same hit is
+                    // judged again with more of the image read.
+                    self.next = hit;
+                    self.hits -= 1;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.token_tables += 1;
+                    self.table_err = Some(e);
+                }
             }
         }
         self.next = self.next.max(to);
@@ -1452,6 +1540,71 @@ mod tests {
         });
     }
 
+    /// The blob's tables in the 6.12 order: num_syms, names, markers,
+    /// token table and index, offsets, relative base, seqs. Returns the
+    /// bytes and the token table's offset in them.
+    fn tokens_first(b: &Blob) -> (Vec<u8>, usize) {
+        let v = &b.bytes;
+        let mut out = v[b.num_syms..b.seqs].to_vec();
+        let tt = out.len();
+        out.extend_from_slice(&v[b.token_table..]);
+        out.extend_from_slice(&v[b.offsets..b.num_syms]);
+        out.extend_from_slice(&v[b.seqs..b.token_table]);
+        (out, tt)
+    }
+
+    #[test]
+    fn decodes_tables_in_the_6_12_order() {
+        let syms = kernel_syms();
+        let blob = build(&syms, true);
+        let old = locate_blob(&blob.bytes, 0x123 * 8).unwrap();
+        let (bytes, _) = tokens_first(&blob);
+        let k = locate_blob(&bytes, 0x123 * 8).unwrap();
+        assert_eq!(k.len(), syms.len());
+        let names = |k: &Kallsyms| k.symbols().map(|s| (s.name.clone(), s.addr, s.kind)).collect::<Vec<_>>();
+        assert_eq!(names(&k), names(&old));
+        let t = k.tables().unwrap();
+        assert!(t.token_index < t.offsets && t.relative_base_addr < t.seqs_of_names);
+        let e = k.extent().unwrap();
+        // The run ends with the last seq, before the blob's final padding.
+        assert_eq!((e.start, e.len), (t.num_syms_addr, (bytes.len() - (blob.token_table - blob.seqs) + 3 * syms.len()) as u64));
+        assert_eq!(e.relative_base_at, t.relative_base_addr - t.num_syms_addr);
+    }
+
+    #[test]
+    fn tables_after_the_tokens_wait_for_the_region_to_grow() {
+        // Enough symbols that offsets + seqs (7 bytes each) outrun the
+        // lookahead past the last judged signature hit.
+        let mut syms = kernel_syms();
+        let end = syms.pop().unwrap();
+        let last = syms.iter().map(|s| s.addr).max().unwrap();
+        for i in 0..8000u64 {
+            syms.push(fake(b't', &format!("more_{i}"), last + 0x10 + i * 0x10));
+        }
+        syms.push(Fake { addr: last + 0x10 + 8000 * 0x10, ..end });
+        let blob = build(&syms, true);
+        let (bytes, tt_off) = tokens_first(&blob);
+        assert!(bytes.len() - tt_off > TOKEN_LOOKAHEAD);
+        // The token table starts just before the first chunk's judged part ends.
+        let junk = (CHUNK as usize - TOKEN_LOOKAHEAD - 0x100 - tt_off) & !7;
+        let (mem, _) = memory_with(&bytes, junk);
+        let space = AddressSpace::new(&mem, 0x1000, false);
+        let k = Kallsyms::locate(&space, TEXT + 0x40).unwrap();
+        assert_eq!(k.len(), syms.len());
+        // One chunk of the segment: the decoder asks for more, or fails if
+        // the region is final.
+        let mut seg = vec![0u8; junk];
+        seg.extend_from_slice(&bytes);
+        seg.truncate(CHUNK as usize);
+        let r = Region { base: TEXT + 0x2000, bytes: seg };
+        let tt = parse_token_table(&r, find_digit_tokens(&r.bytes, 0, r.bytes.len()).unwrap()).unwrap();
+        match decode_around_tokens(&r, &tt, TEXT + 0x40, false) {
+            Ok(TokensOutcome::NeedsMore) => {}
+            _ => panic!("expected a request for more of the image"),
+        }
+        assert!(decode_around_tokens(&r, &tt, TEXT + 0x40, true).is_err());
+    }
+
     #[test]
     fn tables_cut_off_by_the_region_start_are_errors() {
         let blob = build(&kernel_syms(), true);
@@ -1461,11 +1614,12 @@ mod tests {
         let r = Region { base: TEXT + 0x10_0000 + cut as u64, bytes: blob.bytes[cut..].to_vec() };
         let hit = find(&r).unwrap();
         let tt = parse_token_table(&r, hit).unwrap();
-        assert!(decode_before_tokens(&r, &tt, TEXT + 0x40).is_err());
+        assert!(decode_around_tokens(&r, &tt, TEXT + 0x40, true).is_err());
         // Whole blob as a region decodes (sanity for the setup above).
         let r = Region { base: TEXT + 0x10_0000, bytes: blob.bytes.clone() };
         let tt = parse_token_table(&r, find(&r).unwrap()).unwrap();
-        assert_eq!(decode_before_tokens(&r, &tt, TEXT + 0x40).unwrap().len(), kernel_syms().len());
+        let Ok(TokensOutcome::Decoded(k)) = decode_around_tokens(&r, &tt, TEXT + 0x40, true) else { panic!("no decode") };
+        assert_eq!(k.len(), kernel_syms().len());
     }
 
     #[test]

@@ -35,10 +35,20 @@ pub struct Module {
     pub name: String,
     /// "Live", "Loading", "Unloading" or "Gone".
     pub state: String,
+    /// Start and size of the module's core text (6.1: the start of
+    /// `core_layout`, whose text comes first; 6.4+: `mem[MOD_TEXT]`).
     pub core_base: u64,
+    /// All core memory together, as /proc/modules counts it.
     pub core_size: u64,
     pub core_text_size: u64,
+    /// All init memory together (0 once init memory is freed).
     pub init_size: u64,
+    /// Every core and init memory range (`within_module_core/init`): one
+    /// each in 6.1, one per `mod_mem_type` in 6.4+.
+    pub core_ranges: Vec<(u64, u64)>,
+    pub init_ranges: Vec<(u64, u64)>,
+    /// Start and size of the init text (`%pS` sizes init symbols by it).
+    pub init_text: (u64, u64),
     pub refcount: i64,
     pub taints: String,
 }
@@ -70,6 +80,29 @@ impl Module {
     pub fn contains_text(&self, addr: u64) -> bool {
         addr >= self.core_base && addr - self.core_base < self.core_text_size
     }
+
+    /// The kernel's `within_module_core()`.
+    pub fn within_core(&self, addr: u64) -> bool {
+        self.core_ranges.iter().any(|&(b, n)| b != 0 && addr >= b && addr - b < n)
+    }
+
+    /// The kernel's `within_module_init()`.
+    pub fn within_init(&self, addr: u64) -> bool {
+        self.init_ranges.iter().any(|&(b, n)| b != 0 && addr >= b && addr - b < n)
+    }
+}
+
+/// The memory types of `enum mod_mem_type` (6.4+), core ones first.
+const MOD_CORE_TYPES: [&str; 4] = ["MOD_TEXT", "MOD_DATA", "MOD_RODATA", "MOD_RO_AFTER_INIT"];
+const MOD_INIT_TYPES: [&str; 3] = ["MOD_INIT_TEXT", "MOD_INIT_DATA", "MOD_INIT_RODATA"];
+
+/// Where a module's memory is, as `struct module` describes it in the
+/// guest's BTF.
+struct ModuleMemory {
+    core_ranges: Vec<(u64, u64)>,
+    init_ranges: Vec<(u64, u64)>,
+    core_text: (u64, u64),
+    init_text: (u64, u64),
 }
 
 /// A symbol of a module.
@@ -137,10 +170,10 @@ impl Kernel<'_> {
         };
         // /proc/modules calls MODULE_STATE_COMING "Loading" too.
         let state = if state == "Coming" { "Loading" } else { state }.to_string();
-        let core_base = self.mem.read_u64(at(self.off("module", "core_layout.base")?)?)?;
-        let core_size = u64::from(self.mem.read_u32(at(self.off("module", "core_layout.size")?)?)?);
-        let core_text_size = u64::from(self.mem.read_u32(at(self.off("module", "core_layout.text_size")?)?)?);
-        let init_size = u64::from(self.mem.read_u32(at(self.off("module", "init_layout.size")?)?)?);
+        let mem = self.module_memory(addr)?;
+        let total = |r: &[(u64, u64)]| r.iter().fold(0u64, |a, &(_, n)| a.saturating_add(n));
+        let (core_size, init_size) = (total(&mem.core_ranges), total(&mem.init_ranges));
+        let (core_base, core_text_size) = mem.core_text;
         let refcount = i64::from(self.mem.read_i32(at(self.off("module", "refcnt")?)?)?) - MODULE_REF_BASE;
         let taint_bits = self.mem.read_u64(at(self.off("module", "taints")?)?)?;
         let taints = MODULE_TAINTS
@@ -148,7 +181,61 @@ impl Kernel<'_> {
             .filter(|(bit, _)| taint_bits & (1 << bit) != 0)
             .map(|(_, c)| *c)
             .collect();
-        Ok(Module { addr, name, state, core_base, core_size, core_text_size, init_size, refcount, taints })
+        Ok(Module {
+            addr,
+            name,
+            state,
+            core_base,
+            core_size,
+            core_text_size,
+            init_size,
+            core_ranges: mem.core_ranges,
+            init_ranges: mem.init_ranges,
+            init_text: mem.init_text,
+            refcount,
+            taints,
+        })
+    }
+
+    /// The module's memory: `core_layout`/`init_layout` (each one block,
+    /// text first) where the guest's `struct module` has them, else
+    /// `mem[]` indexed by `enum mod_mem_type` (6.4+). Any other shape, or a
+    /// `mod_mem_type` with types hyperpatch does not know, is refused.
+    fn module_memory(&self, addr: u64) -> Result<ModuleMemory> {
+        let at = |o: u64| addr.checked_add(o).ok_or(IntrospectError::Overflow(addr));
+        let u32_at = |path: &str| -> Result<u64> { Ok(u64::from(self.mem.read_u32(at(self.off("module", path)?)?)?)) };
+        if self.btf.member("module", "core_layout").is_ok() {
+            let core = (self.read_ptr(addr, self.off("module", "core_layout.base")?)?, u32_at("core_layout.size")?);
+            let init = (self.read_ptr(addr, self.off("module", "init_layout.base")?)?, u32_at("init_layout.size")?);
+            return Ok(ModuleMemory {
+                core_ranges: vec![core],
+                init_ranges: vec![init],
+                core_text: (core.0, u32_at("core_layout.text_size")?),
+                init_text: (init.0, u32_at("init_layout.text_size")?),
+            });
+        }
+        let mem = self.btf.member("module", "mem")?;
+        let slots = u64::from(self.btf.array_len(mem.type_id)?);
+        let num_types = self.btf.enum_value(Some("mod_mem_type"), "MOD_MEM_NUM_TYPES")?;
+        let known = MOD_CORE_TYPES.len() + MOD_INIT_TYPES.len();
+        if u64::try_from(num_types).ok() != Some(known as u64) || slots != known as u64 {
+            return Err(IntrospectError::Corrupt(format!(
+                "struct module.mem has {slots} slots and enum mod_mem_type {num_types} types; hyperpatch knows {known} ({} {})",
+                MOD_CORE_TYPES.join(" "),
+                MOD_INIT_TYPES.join(" ")
+            )));
+        }
+        let region = |ty: &str| -> Result<(u64, u64)> {
+            let index = self.btf.enum_value(Some("mod_mem_type"), ty)?;
+            let index = u64::try_from(index).ok().filter(|i| *i < slots).ok_or_else(|| {
+                IntrospectError::Corrupt(format!("enum mod_mem_type: {ty} = {index} is outside module.mem[{slots}]"))
+            })?;
+            let base = self.read_ptr(addr, self.off("module", &format!("mem[{index}].base"))?)?;
+            Ok((base, u32_at(&format!("mem[{index}].size"))?))
+        };
+        let core_ranges = MOD_CORE_TYPES.iter().map(|t| region(t)).collect::<Result<Vec<_>>>()?;
+        let init_ranges = MOD_INIT_TYPES.iter().map(|t| region(t)).collect::<Result<Vec<_>>>()?;
+        Ok(ModuleMemory { core_text: core_ranges[0], init_text: init_ranges[0], core_ranges, init_ranges })
     }
 
     /// The defined symbols of `module` (`mod->kallsyms`, undefined ones
@@ -175,17 +262,12 @@ impl Kernel<'_> {
     /// the size runs to the next symbol or the end of the module's text.
     pub fn module_address_lookup(&self, addr: u64) -> Result<Option<ModuleAddress>> {
         for m in self.modules()? {
-            let in_core = addr >= m.core_base && addr - m.core_base < m.core_size;
-            let init_base = self.read_ptr(m.addr, self.off("module", "init_layout.base")?)?;
-            let in_init = init_base != 0 && addr >= init_base && addr - init_base < m.init_size;
-            if !in_core && !in_init {
+            let in_init = m.within_init(addr);
+            if !in_init && !m.within_core(addr) {
                 continue;
             }
             let text_end = if in_init {
-                let text = self.mem.read_u32(
-                    m.addr.checked_add(self.off("module", "init_layout.text_size")?).ok_or(IntrospectError::Overflow(m.addr))?,
-                )?;
-                init_base.saturating_add(u64::from(text))
+                m.init_text.0.saturating_add(m.init_text.1)
             } else {
                 m.core_base.saturating_add(m.core_text_size)
             };

@@ -370,12 +370,16 @@ impl Kernel<'_> {
 impl Kernel<'_> {
     /// THREAD_SIZE, the size of a task's kernel stack (and of the IRQ
     /// stack on x86_64), as this kernel was built: the init task's stack,
-    /// `__start_init_task` to `__end_init_task`, is laid out as exactly
-    /// one THREAD_SIZE. Refused unless it is a power of two in a
+    /// `__start_init_task` to `__end_init_task` (6.1; `__start_init_stack`
+    /// to `__end_init_stack` in 6.12), is laid out as exactly one
+    /// THREAD_SIZE. Refused unless it is a power of two in a
     /// plausible range.
     pub fn thread_size(&self) -> Result<u64> {
-        let start = self.sym("__start_init_task").or_else(|_| self.sym("init_stack"))?;
-        let end = self.sym("__end_init_task")?;
+        let start = self
+            .sym("__start_init_task")
+            .or_else(|_| self.sym("__start_init_stack"))
+            .or_else(|_| self.sym("init_stack"))?;
+        let end = self.sym("__end_init_task").or_else(|_| self.sym("__end_init_stack"))?;
         match end.checked_sub(start) {
             Some(n) if n.is_power_of_two() && THREAD_SIZES.contains(&n) => Ok(n),
             _ => Err(IntrospectError::Corrupt(format!(
