@@ -195,3 +195,41 @@ fn a_vcpu_caught_on_its_entry_stack_unwinds_reliably_to_user_mode() {
     assert!(st.reliable, "{:?} {:?}", st.reason, st.all_frames);
     assert!(st.all_frames.iter().any(|f| f.symbol.starts_with("asm_sysvec_apic_timer_interrupt")), "{:?}", st.all_frames);
 }
+
+/// The ORC entry layout comes from `struct orc_entry` in the guest's BTF:
+/// the saved 6.1 guest reads as 6.1's format, and a guest whose BTF gives
+/// the struct another size is refused by name before any stack is read.
+#[test]
+fn orc_format_comes_from_the_guests_btf_and_an_unknown_one_is_refused() {
+    let snap = common::ready_snapshot(1);
+    let img = SnapshotImage::open(&snap).unwrap();
+    let k = Kernel::open(&img.mem, img.cpus.clone()).unwrap();
+    let format = introspect::orc_format::OrcFormat::from_btf(&k.btf).unwrap();
+    assert_eq!(format, introspect::orc_format::OrcFormat::LINUX_6_1);
+    assert!(k.vmlinux_orc().is_ok());
+
+    let start = k.sym("__start_BTF").unwrap();
+    let stop = k.sym("__stop_BTF").unwrap();
+    let blob = Btf::read_blob(&k.mem, start, stop).unwrap();
+    let hdr = u32::from_le_bytes(blob[4..8].try_into().unwrap()) as usize;
+    let type_off = u32::from_le_bytes(blob[8..12].try_into().unwrap()) as usize;
+    let str_off = u32::from_le_bytes(blob[16..20].try_into().unwrap()) as usize;
+    let strings = &blob[hdr + str_off..];
+    let name_at = strings.windows(11).position(|w| w == b"\0orc_entry\0").expect("the name") as u32 + 1;
+    // struct btf_type { name_off, info (kind 4 = struct in bits 24..28), size = 6 }
+    let types = &blob[hdr + type_off..hdr + str_off];
+    let at = (0..types.len().saturating_sub(12))
+        .step_by(4)
+        .find(|&i| {
+            let word = |j: usize| u32::from_le_bytes(types[i + j..i + j + 4].try_into().unwrap());
+            word(0) == name_at && (word(4) >> 24) & 0x1f == 4 && word(8) == 6
+        })
+        .expect("struct orc_entry");
+    let size_pa = k.mem.translate(start + (hdr + type_off + at + 8) as u64).unwrap() as usize;
+    let (mut ram, _) = ram_with_spare_pair(&img.mem);
+    ram.0[size_pa] = 8;
+    let bad = Kernel::open(&ram, img.cpus.clone()).unwrap();
+    let Err(e) = bad.vmlinux_orc() else { panic!("a 8-byte orc_entry was accepted") };
+    assert!(matches!(e, introspect::error::IntrospectError::UnknownOrcFormat(_)), "{e}");
+    assert!(e.to_string().contains("8 bytes, not 6"), "{e}");
+}

@@ -929,7 +929,7 @@ fn decode_layout(region: &Region, tt: &TokenTable, l: &Layout) -> Result<(Vec<Sy
 
 /// What [`decode_around_tokens`] found.
 enum TokensOutcome {
-    Decoded(Kallsyms),
+    Decoded(Box<Kallsyms>),
     /// A layout whose tables continue past the region's end, which is not
     /// yet final: decode again once the region has grown.
     NeedsMore,
@@ -962,7 +962,7 @@ fn decode_around_tokens(region: &Region, tt: &TokenTable, lstar: u64, region_fin
                     let mut k = Kallsyms::from_symbols(symbols);
                     k.tables = Some(tables);
                     k.check_contains(lstar)?;
-                    return Ok(TokensOutcome::Decoded(k));
+                    return Ok(TokensOutcome::Decoded(Box::new(k)));
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -1013,7 +1013,7 @@ impl SearchState {
                 }
             };
             match decode_around_tokens(region, &tt, lstar, region_final) {
-                Ok(TokensOutcome::Decoded(k)) => return Ok(Some(k)),
+                Ok(TokensOutcome::Decoded(k)) => return Ok(Some(*k)),
                 Ok(TokensOutcome::NeedsMore) => {
                     // Not counted as a tried token table: the same hit is
                     // judged again with more of the image read.
