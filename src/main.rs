@@ -144,7 +144,7 @@ struct RunArgs {
     /// Extra kernel command-line options, appended to the default.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Number of vCPUs (1 to 8).
+    /// Number of vCPUs (1 to 64; the guest starts as many as its NR_CPUS allows).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Guest RAM in MiB.

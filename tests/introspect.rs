@@ -1163,3 +1163,39 @@ fn bzimage_with_kaslr_matches_the_guest() {
     assert!(g.wait_exit(CMD_TIMEOUT).success());
     println!("bzImage KASLR test: {:?}", t0.elapsed());
 }
+
+/// Four and eight vCPUs: the guest brings every vCPU online, `ps` lists
+/// every vCPU's idle task and exactly one task running on each vCPU, and
+/// `stack all` unwinds every CPU's idle task reliably, the running ones
+/// from their vCPU's registers and the others from their saved frames,
+/// while busy loops keep vCPUs away from idle.
+#[test]
+fn four_and_eight_vcpus_every_idle_task_is_seen_while_others_are_busy() {
+    let _lock = one_guest_at_a_time();
+    for n in [4usize, 8] {
+        let mut g = restore(&format!("vcpus{n}"), &ready_snapshot(n as u32));
+        quiet(&mut g);
+        assert_eq!(g.sh("grep -c ^processor /proc/cpuinfo"), n.to_string());
+        assert_eq!(g.sh("cat /sys/devices/system/cpu/online"), format!("0-{}", n - 1));
+        let out = g.sh(&format!("i=0; while [ $i -lt {} ]; do (while :; do :; done) & i=$((i+1)); done; echo started", n / 2));
+        assert_eq!(out, "started");
+        outside_tasks(&g, n);
+        let stacks = cli_json(&g, &["stack", "all"]);
+        let mut idle = BTreeSet::new();
+        for t in stacks.as_array().expect("stack all: a list") {
+            if t["pid"].as_i64() != Some(0) {
+                continue;
+            }
+            let comm = t["comm"].as_str().unwrap_or_default();
+            let cpu = comm.strip_prefix("swapper/").and_then(|c| c.parse::<usize>().ok());
+            assert!(cpu.is_some_and(|c| c < n), "idle task {comm:?} on a {n}-vCPU guest");
+            assert_eq!(t["reliable"], json!(true), "{comm}: {t}");
+            let frames = t["frames"].as_array().map(Vec::len).unwrap_or(0);
+            assert!(frames > 0, "{comm} has no frames: {t}");
+            assert!(idle.insert(cpu), "{comm} twice");
+        }
+        assert_eq!(idle.len(), n, "every CPU's idle task in `stack all`: {idle:?}");
+        println!("{n} vCPUs: {} idle tasks unwound reliably with {} busy loops", idle.len(), n / 2);
+        g.api_ok(json!({"verb": "shutdown"}));
+    }
+}

@@ -20,8 +20,10 @@ pub const PD_ADDR: u64 = 0xb000;
 pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Largest command line we pass (Linux x86 COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX: usize = 2048;
-/// Start of the extended BIOS data area; the MP table lives here.
+/// Start of the extended BIOS data area; the MP floating pointer lives here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP configuration table, in the BIOS area (reserved in the e820 map).
+pub const MP_CONFIG_ADDR: u64 = 0xf_0000;
 /// First byte above the legacy hole.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Upper bound for guest RAM plus the reserved region: we keep all of it

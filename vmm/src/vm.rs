@@ -22,8 +22,10 @@ use crate::mptable;
 pub use crate::vcpu::StepOutcome;
 use crate::vcpu::{kick_handler, RunControl, VcpuThread, VmExit};
 
-/// Most vCPUs a VM may have.
-pub const MAX_VCPUS: u8 = 8;
+/// Most vCPUs a VM may have: the 6.12 test kernel's NR_CPUS. (APIC ids
+/// are 8-bit in the MP table, and the IOAPIC takes the id after the last
+/// vCPU's.)
+pub const MAX_VCPUS: u8 = 64;
 /// Smallest guest RAM we accept.
 pub const MIN_MEM_MIB: u64 = 32;
 
