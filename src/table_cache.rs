@@ -186,7 +186,7 @@ impl TableCache {
     /// bytes before, else parsed now and stored.
     pub fn patch_module(&self, path: &str, bytes: &[u8], btf: &Btf, btf_key: &str) -> anyhow::Result<(patcher::PatchModule, ModuleOrigin)> {
         let started = std::time::Instant::now();
-        let key = hex(&Sha256::new().chain_update(b"module\0").chain_update(btf_key.as_bytes()).chain_update(bytes).finalize());
+        let key = hex(&Sha256::new().chain_update(b"module\0").chain_update(patcher::module::PARSE_VERSION.to_le_bytes()).chain_update(btf_key.as_bytes()).chain_update(bytes).finalize());
         let mut notes = Vec::new();
         let (m, origin) = match self.load::<patcher::PatchModule>("module", &key, &mut notes) {
             Some(mut m) => {

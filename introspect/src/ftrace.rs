@@ -144,6 +144,28 @@ pub struct FtraceRecords {
     pub by_ip: HashMap<u64, FtraceRecord>,
 }
 
+/// Bytes at a function's start searched for its ftrace record: the
+/// `__fentry__` call comes first, after at most a 4-byte `endbr64` or the
+/// NOP the guest sealed it with.
+const SITE_WINDOW: u64 = 16;
+
+impl FtraceRecords {
+    /// The ftrace call site of the function at `func` whose first bytes are
+    /// `head`: the guest's own record in the function's first bytes, as the
+    /// kernel's `ftrace_location()` finds it (after `endbr64`, or after the
+    /// 4-byte NOP a loader sealed an unused `endbr64` with, whatever that
+    /// NOP is in this kernel). Only the function's own `size` bytes are
+    /// searched (when known, else 0). A function without a record (notrace)
+    /// gets the byte after `endbr64`, or `func`.
+    pub fn site_of(&self, func: u64, size: u64, head: &[u8]) -> u64 {
+        let window = if size == 0 { SITE_WINDOW } else { size.min(SITE_WINDOW) };
+        (0..window)
+            .filter_map(|off| func.checked_add(off))
+            .find(|ip| self.by_ip.contains_key(ip))
+            .unwrap_or_else(|| if head.get(..4) == Some(&ENDBR64[..]) { func.saturating_add(4) } else { func })
+    }
+}
+
 impl Kernel<'_> {
     /// Reads every `dyn_ftrace` from `ftrace_pages_start` (the boot-time
     /// `__start_mcount_loc` is freed init data).
@@ -204,14 +226,14 @@ impl Kernel<'_> {
 
     /// The call site of function `name` (`sympos` as livepatch counts it).
     pub fn call_site(&self, name: &str, sympos: u32, records: &FtraceRecords) -> Result<CallSite> {
-        let func_addr = match self.syms.address_of(name, sympos) {
-            Ok(a) => a,
+        let (func_addr, size) = match self.syms.address_of(name, sympos) {
+            Ok(a) => (a, self.syms.resolve(a).filter(|s| s.addr == a).map_or(0, |s| s.size)),
             Err(IntrospectError::NoSymbol(n)) => {
                 // A module function?
                 let mut hit = None;
                 for m in self.modules()? {
                     if let Some(s) = self.module_symbols(&m)?.into_iter().find(|s| s.name == name && matches!(s.kind, 't' | 'T')) {
-                        hit = Some(s.addr);
+                        hit = Some((s.addr, s.size));
                         break;
                     }
                 }
@@ -220,7 +242,7 @@ impl Kernel<'_> {
             Err(e) => return Err(e),
         };
         let head = self.mem.read_bytes(func_addr, 9)?;
-        let site = if head.get(..4) == Some(&ENDBR64[..]) { func_addr + 4 } else { func_addr };
+        let site = records.site_of(func_addr, size, &head);
         let mut bytes = [0u8; 5];
         self.mem.read_virt(site, &mut bytes)?;
         let (insn, text) = decode_site(&bytes, site);
@@ -244,6 +266,22 @@ impl Kernel<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_site_is_the_guests_record_after_endbr_or_its_seal() {
+        let rec = |ip: u64| (ip, FtraceRecord { ip, flags: 0, flags_addr: 0, ip_addr: 0, bits: FtraceFlagBits::default() });
+        // 0x1000: sealed (6.12's `66 0f 1f 00`), record at +4. 0x2000: a
+        // 9-byte notrace function right before a traced one at 0x2009.
+        let records = FtraceRecords { by_ip: HashMap::from([rec(0x1004), rec(0x200d)]) };
+        let sealed = [0x66, 0x0f, 0x1f, 0x00, 0x0f, 0x1f, 0x44, 0x00, 0x00];
+        assert_eq!(records.site_of(0x1000, 0x40, &sealed), 0x1004);
+        assert_eq!(records.site_of(0x1000, 0, &sealed), 0x1004);
+        assert_eq!(records.site_of(0x2000, 9, &sealed), 0x2000, "the next function's record is not this one's");
+        let mut endbr = sealed;
+        endbr[..4].copy_from_slice(&ENDBR64);
+        assert_eq!(records.site_of(0x2000, 9, &endbr), 0x2004);
+        assert_eq!(records.site_of(0x2009, 0x20, &endbr), 0x200d);
+    }
 
     #[test]
     fn decodes_nop_call_jmp() {

@@ -123,17 +123,20 @@ fn boot_facts(cpus: &[CpuState]) -> Result<(u64, bool)> {
 }
 
 /// Page-table roots that may map the kernel, best first: the CR3 of each
-/// vCPU in kernel mode, then of each vCPU in user mode, then for those the
-/// kernel half of a page-table-isolation pair. Under PTI a task in user
-/// mode runs on the user copy, which maps little more than the entry code;
-/// the kernel's copy is the 4 KiB page before it (`PTI_USER_PGTABLE_BIT`
-/// is bit 12 of the 8 KiB-aligned pair).
+/// vCPU in kernel mode, then of each vCPU in user mode, then for every one
+/// the kernel half of a page-table-isolation pair. Under PTI a task in user
+/// mode runs on the user copy, which maps little more than the entry code,
+/// and so does a vCPU stopped in the entry code before it switches CR3 (in
+/// kernel mode already); the kernel's copy is the 4 KiB page before it
+/// (`PTI_USER_PGTABLE_BIT` is bit 12 of the 8 KiB-aligned pair). Each root
+/// is only a candidate: the callers check what it maps.
 pub fn root_candidates(cpus: &[CpuState]) -> Vec<u64> {
     let root = |c: &CpuState| c.cr3 & crate::translate::ADDR_MASK;
     let mut out: Vec<u64> = Vec::new();
     let kernel = cpus.iter().filter(|c| !c.in_user_mode()).map(root);
-    let user: Vec<u64> = cpus.iter().filter(|c| c.in_user_mode()).map(root).collect();
-    for r in kernel.chain(user.iter().copied()).chain(user.iter().map(|r| r & !(1 << 12))) {
+    let user = cpus.iter().filter(|c| c.in_user_mode()).map(root);
+    let direct: Vec<u64> = kernel.chain(user).collect();
+    for r in direct.iter().copied().chain(direct.iter().map(|r| r & !(1 << 12))) {
         if !out.contains(&r) {
             out.push(r);
         }

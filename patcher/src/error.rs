@@ -13,6 +13,14 @@ pub enum PatchError {
     UnhandledSection { path: String, section: String, why: &'static str },
     #[error("{path}: relocation against {symbol:?}: {detail}")]
     Relocation { path: String, symbol: String, detail: String },
+    #[error("the guest's x86_return_thunk is {value:#x} ({}), not the start of a *_return_thunk in its text; return-thunk sites are refused", symbol.as_deref().unwrap_or("no symbol"))]
+    UnknownReturnThunk { value: u64, symbol: Option<String> },
+    #[error("{path}: return-thunk site at {site:#x} is not `jmp __x86_return_thunk` ({found}); the module is refused")]
+    ReturnSite { path: String, site: u64, found: String },
+    #[error("{path}: built for ORC format {module}, the guest's is {}; the module is refused", guest.as_deref().unwrap_or("not given (no .orc_header)"))]
+    OrcHeaderMismatch { path: String, module: String, guest: Option<String> },
+    #[error("the guest's ORC header runs from {start:#x} to {stop:#x}, not a hash")]
+    GuestOrcHeader { start: u64, stop: u64 },
     #[error("symbol {name:?} needed by the patch is not in the guest kernel (module built for another kernel?)")]
     MissingSymbol { name: String },
     #[error("function {name:?}: {detail}")]

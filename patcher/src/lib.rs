@@ -10,6 +10,7 @@ pub mod error;
 pub mod guest;
 pub mod guest_call;
 pub mod link;
+pub mod loader;
 pub mod module;
 pub mod params;
 pub mod klp_read;

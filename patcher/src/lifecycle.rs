@@ -60,8 +60,9 @@ impl Patcher {
         let (hook, prev) = self.call_engine().map(|c| (c.hook_fn, c.prev_state_fn)).ok_or_else(|| PatchError::State("guest-call engine".into()))?;
         let resolver = crate::engine::GuestResolver { k, klp_enable_patch: Some(hook), klp_get_prev_state: Some(prev).filter(|a| *a != 0) };
         let orc_format = introspect::orc_format::OrcFormat::from_btf(&k.btf)?;
+        let facts = crate::loader::LoaderFacts::for_module(k, m)?;
         let region = self.region_mut()?;
-        let mut linked = link(m, region, &resolver, &orc_format)?;
+        let mut linked = link(m, region, &resolver, &orc_format, &facts)?;
         let unplace = |p: &mut Patcher, w: &dyn GuestWriter, linked: &LinkedModule| {
             for (pa, bytes) in &linked.images {
                 let _ = w.write_phys(*pa, &vec![0u8; bytes.len()]);

@@ -3,7 +3,8 @@
 //! (to the module's own sections, to guest kernel and module symbols, and
 //! `.klp.rela` entries with `.klp.sym.<obj>.<name>,<pos>` symbols), and the
 //! `__fentry__` calls become the ftrace NOP, as the guest's module loader
-//! and ftrace would leave them.
+//! and ftrace would leave them; then the loader's tables are applied
+//! (`crate::loader`).
 
 use introspect::orc_format::OrcFormat;
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use goblin::elf::reloc::*;
 
 use crate::error::{PatchError, Result};
+use crate::loader::LoaderFacts;
 use crate::module::{PatchModule, SectionKind};
 use crate::placement::{Allocation, AreaKind, Region};
 
@@ -54,9 +56,15 @@ pub fn parse_klp_sym(name: &str) -> Option<(Option<String>, String, u64)> {
 }
 
 /// Allocates and links `m`. On error every allocation made here is freed.
-pub fn link(m: &PatchModule, region: &mut Region, resolver: &dyn SymbolResolver, orc_format: &OrcFormat) -> Result<LinkedModule> {
+pub fn link(
+    m: &PatchModule,
+    region: &mut Region,
+    resolver: &dyn SymbolResolver,
+    orc_format: &OrcFormat,
+    facts: &LoaderFacts,
+) -> Result<LinkedModule> {
     let mut allocations = Vec::new();
-    let r = link_inner(m, region, resolver, orc_format, &mut allocations);
+    let r = link_inner(m, region, resolver, orc_format, facts, &mut allocations);
     if r.is_err() {
         for a in &allocations {
             region.free(a);
@@ -70,6 +78,7 @@ fn link_inner(
     region: &mut Region,
     resolver: &dyn SymbolResolver,
     orc_format: &OrcFormat,
+    facts: &LoaderFacts,
     allocations: &mut Vec<Allocation>,
 ) -> Result<LinkedModule> {
     let mut section_base = HashMap::new();
@@ -162,6 +171,7 @@ fn link_inner(
             }
         }
     }
+    crate::loader::finalize(m, &section_base, &mut images, facts)?;
     let images = images
         .into_iter()
         .filter_map(|(i, bytes)| phys_base.get(&i).map(|p| (*p, bytes)))

@@ -15,6 +15,11 @@ use introspect::btf::Btf;
 
 use crate::error::{PatchError, Result};
 
+/// Version of what `PatchModule::parse` keeps; part of the host cache's
+/// key, so a parse made by an older hyperpatch is never reused. 2: the
+/// loader tables (`crate::loader::LOADER_TABLES`) keep their contents.
+pub const PARSE_VERSION: u32 = 2;
+
 /// Largest module file we read.
 pub const MAX_MODULE_SIZE: usize = 64 << 20;
 const MAX_STRING: usize = 512;
@@ -199,7 +204,6 @@ const UNHANDLED_SECTIONS: &[(&str, &str)] = &[
     (".static_call_sites", "static call sites"),
     (".static_call.text", "static call trampolines"),
     (".retpoline_sites", "retpoline sites the loader rewrites"),
-    (".return_sites", "return-thunk sites the loader rewrites"),
     (".call_sites", "call-depth tracking sites"),
     (".ibt_endbr_seal", "IBT endbr sealing"),
     (".data..percpu", "per-cpu data needs a per-cpu area from the guest's allocator"),
@@ -225,17 +229,23 @@ const UNHANDLED_SECTIONS: &[(&str, &str)] = &[
     (".static_call_tramp_key", "static call keys"),
 ];
 
+/// A table the loader applies at link time (`crate::loader`): read, not
+/// placed.
+fn keeps_table(name: &str) -> bool {
+    crate::loader::LOADER_TABLES.contains(&name)
+}
+
 /// How an allocated section is placed, or why the module is refused.
 /// Placed: text, rodata, data and bss (with their init and exit forms),
 /// `__param` (parameters, set as the loader sets them), `.modinfo` and
 /// `.gnu.linkonce.this_module`; the ORC tables are registered with the
-/// unwinder. Every other allocated section is refused by name.
+/// unwinder; the loader tables of `crate::loader` are applied. Every other allocated section is refused by name.
 fn section_kind(name: &str, flags: u64) -> std::result::Result<SectionKind, &'static str> {
     // Not placed: metadata (.modinfo and the ORC tables are read), debug
     // info, and the patch's own ftrace call sites (`__mcount_loc`: its
     // `__fentry__` calls stay calls, and the guest's ftrace never sees them).
     let skip_prefixes = ["__mcount_loc", ".note", ".modinfo", "__versions", ".orc_unwind", ".BTF", ".discard"];
-    if flags & u64::from(SHF_ALLOC) == 0 || skip_prefixes.iter().any(|p| name.starts_with(p)) {
+    if flags & u64::from(SHF_ALLOC) == 0 || skip_prefixes.iter().any(|p| name.starts_with(p)) || keeps_table(name) {
         return Ok(SectionKind::Skip);
     }
     if let Some((_, why)) = UNHANDLED_SECTIONS.iter().find(|(n, _)| name == *n || name.starts_with(&format!("{n}_")) || name.starts_with(&format!("{n}."))) {
@@ -281,7 +291,7 @@ impl PatchModule {
                     return Err(malformed(format!("section {name} claims {} bytes", sh.sh_size)));
                 }
                 if kind == SectionKind::Skip { Vec::new() } else { vec![0u8; sh.sh_size as usize] }
-            } else if kind == SectionKind::Skip && !name.starts_with(".orc_unwind") && name != ".modinfo" {
+            } else if kind == SectionKind::Skip && !name.starts_with(".orc_unwind") && name != ".modinfo" && !keeps_table(&name) {
                 Vec::new()
             } else {
                 let start = usize::try_from(sh.sh_offset).map_err(|_| malformed(format!("section {name} offset")))?;
@@ -345,6 +355,11 @@ impl PatchModule {
         m.exit = m.code_pointer(sec, off + layout.exit, "exit")?;
         m.params = crate::params::ParamSpec::read_all(&m, btf)?;
         Ok(m)
+    }
+
+    /// A malformed-module error naming this module.
+    pub fn malformed(&self, d: impl Into<String>) -> PatchError {
+        self.err(d)
     }
 
     fn err(&self, d: impl Into<String>) -> PatchError {
@@ -483,12 +498,15 @@ mod tests {
             ("__mcount_loc", A, SectionKind::Skip),
             (".debug_info", 0, SectionKind::Skip),
             ("__jump_table", 0, SectionKind::Skip),
+            (".return_sites", A, SectionKind::Skip),
+            (".ibt_endbr_seal", A, SectionKind::Skip),
+            (".orc_header", A, SectionKind::Skip),
         ] {
             assert_eq!(section_kind(name, flags), Ok(kind), "{name}");
         }
         for name in [
             "__ex_table", "__bug_table", ".altinstructions", ".altinstr_replacement", ".parainstructions", ".smp_locks",
-            "__jump_table", ".static_call_sites", ".retpoline_sites", ".return_sites", ".data..percpu", "__ksymtab_gpl",
+            "__jump_table", ".static_call_sites", ".retpoline_sites", ".data..percpu", "__ksymtab_gpl",
             "__tracepoints", ".init_array", "__dyndbg", ".some_new_section", "text",
         ] {
             assert!(section_kind(name, WA).is_err(), "{name} must be refused");

@@ -183,7 +183,8 @@ impl Guest {
     /// Boots the test image cold.
     pub fn boot_test_image(name: &str, vcpus: u32, extra: &[&str]) -> Guest {
         let v = vcpus.to_string();
-        let mut args = vec!["--vcpus", v.as_str()];
+        let line = guest_line();
+        let mut args = vec!["--guest", line.as_str(), "--vcpus", v.as_str()];
         args.extend_from_slice(extra);
         Guest::start(name, &args)
     }
@@ -468,6 +469,10 @@ pub fn ready_snapshot(vcpus: u32) -> PathBuf {
     g.wait_for(READY, BOOT_TIMEOUT);
     let cs = g.sh("read c < /sys/devices/system/clocksource/clocksource0/current_clocksource; echo $c");
     assert_eq!(cs, "kvm-clock", "the guest did not take {READY_CMDLINE}");
+    // The snapshot is cached under the image's name: it must be that line.
+    let version = g.sh("read v < /proc/version; echo $v");
+    let line = guest_line();
+    assert!(version.starts_with(&format!("Linux version {line}.")), "booted {version:?}, not the {line} line");
     // Paused while quiet (the shell has answered a command); the snapshot is
     // taken in that same pause.
     g.pause_quiet();

@@ -12,7 +12,6 @@ use crate::error::{PatchError, Result};
 use crate::link::SymbolResolver;
 use crate::module::{FuncSpec, PatchSpec};
 
-const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
 /// One function a patch changes, found in the guest: its spec, its
 /// object, the old function's address and size, and its call site.
@@ -133,11 +132,7 @@ impl Patcher {
                     Some(o) => module_function(k, o, &f.old_name, f.old_sympos)?,
                 };
                 let head = k.mem.read_bytes(old_addr, 9)?;
-                let site = if head.get(..4) == Some(&ENDBR64[..]) {
-                    old_addr.checked_add(4).ok_or(PatchError::Guest(introspect::IntrospectError::Overflow(old_addr)))?
-                } else {
-                    old_addr
-                };
+                let site = records.site_of(old_addr, old_size, &head);
                 if funcs.iter().any(|x| x.site == site) {
                     return Err(PatchError::Function { name: f.old_name.clone(), detail: "listed twice in the patch".into() });
                 }
