@@ -136,14 +136,12 @@ pub fn finalize(
                 // Checked, not applied: sealing is a no-op without IBT.
                 table_sites(m, idx, section_base)?;
             }
-            ".orc_header" if s.size > 0 => {
-                if facts.orc_header.as_deref() != Some(s.data.as_slice()) {
-                    return Err(PatchError::OrcHeaderMismatch {
-                        path: m.path.clone(),
-                        module: hex(&s.data),
-                        guest: facts.orc_header.as_deref().map(hex),
-                    });
-                }
+            ".orc_header" if s.size > 0 && facts.orc_header.as_deref() != Some(s.data.as_slice()) => {
+                return Err(PatchError::OrcHeaderMismatch {
+                    path: m.path.clone(),
+                    module: hex(&s.data),
+                    guest: facts.orc_header.as_deref().map(hex),
+                });
             }
             _ => {}
         }
