@@ -1601,6 +1601,10 @@ impl State {
                     "attempts": op.attempts, "elapsed_secs": op.start.elapsed().as_secs_f64(),
                     "stopped_us": stopped_for.as_secs_f64() * 1e6, "stepped_instructions": steps,
                     "stacks": op.stack_counts.unwrap_or_default(),
+                    // Where each vCPU was in the stop that switched.
+                    "vcpus_at_switch": self.last_cpus.iter().flatten().map(|c| json!({
+                        "user_mode": c.in_user_mode(), "rip": c.rip, "cr3": c.cr3,
+                    })).collect::<Vec<_>>(),
                     "prep_stops_us": if op.verb == "apply" {
                         self.prep_stops.iter().map(|(what, us)| json!({"stop": what, "us": us})).collect::<Vec<_>>()
                     } else {

@@ -51,7 +51,10 @@ fn reads_go_through_the_kernels_own_top_level_table() {
     let at = |name: &str| {
         map.lines().find_map(|l| l.strip_suffix(name).filter(|p| p.ends_with(" D ")).map(|p| u64::from_str_radix(&p[..16], 16).unwrap()))
     };
-    let built = at("__end_init_task").zip(at("__start_init_task")).map(|(e, s)| e - s);
+    let built = at("__end_init_task")
+        .zip(at("__start_init_task"))
+        .or_else(|| at("__end_init_stack").zip(at("__start_init_stack")))
+        .map(|(e, s)| e - s);
     assert_eq!(Some(k.thread_size().unwrap()), built);
     let again = Kernel::from_parts(&img.mem, img.cpus.clone(), k.syms.clone(), btf_of(&k));
     assert_eq!(again.unwrap().mem.cr3(), k.mem.cr3());
@@ -108,7 +111,7 @@ fn no_vcpu_table_that_maps_the_kernel_is_a_clear_error() {
 }
 
 #[test]
-fn modules_vaddr_is_the_one_module_alloc_uses() {
+fn modules_vaddr_is_the_one_the_kernel_uses() {
     let snap = common::ready_snapshot(1);
     let img = SnapshotImage::open(&snap).unwrap();
     let k = Kernel::open(&img.mem, img.cpus.clone()).unwrap();
@@ -118,6 +121,32 @@ fn modules_vaddr_is_the_one_module_alloc_uses() {
     let want = introspect::module_area::START_KERNEL_MAP + image_size;
     assert_eq!(k.modules_vaddr().unwrap(), want);
 
+    if k.syms.lookup("module_alloc").is_empty() {
+        // 6.10+: the start of execmem_info.ranges[EXECMEM_DEFAULT] moved
+        // outside both choices' window: refused, by name.
+        let range = k.off("execmem_info", "ranges").unwrap()
+            + k.btf.struct_size("execmem_range").unwrap() * k.btf.enum_value(Some("execmem_type"), "EXECMEM_DEFAULT").unwrap() as u64
+            + k.off("execmem_range", "start").unwrap();
+        let mut starts = Vec::new();
+        for sym in k.syms.lookup("execmem_info") {
+            for base in [sym, k.mem.read_u64(sym).unwrap()] {
+                if let Ok(v) = k.mem.read_u64(base + range) {
+                    if v >= want && v - want <= 1024 * 4096 {
+                        starts.push(base + range);
+                    }
+                }
+            }
+        }
+        starts.dedup();
+        assert_eq!(starts.len(), 1, "one execmem default range: {starts:x?}");
+        let pa = k.mem.translate(starts[0]).unwrap() as usize;
+        let (mut ram, _) = ram_with_spare_pair(&img.mem);
+        ram.0[pa + 3] ^= 0x10;
+        let bad = Kernel::open(&ram, img.cpus.clone()).unwrap();
+        let e = bad.modules_vaddr().expect_err("refused");
+        assert!(e.to_string().contains("MODULES_VADDR unknown") && e.to_string().contains("execmem_info"), "{e}");
+        return;
+    }
     // The immediate changed to another value: refused, by name.
     let f = k.sym("module_alloc").unwrap();
     let mut code = vec![0u8; 256];
@@ -138,9 +167,12 @@ fn ftrace_flag_bits_come_from_the_guests_btf_and_a_bad_one_is_refused() {
     let img = SnapshotImage::open(&snap).unwrap();
     let k = Kernel::open(&img.mem, img.cpus.clone()).unwrap();
     let bits = introspect::ftrace::FtraceFlagBits::from_btf(&k.btf).unwrap();
-    // include/linux/ftrace.h of 6.1: ENABLED bit 31, DISABLED bit 25, and
-    // FTRACE_REF_MAX_SHIFT 23 (its lowest flag is FTRACE_FL_DIRECT_EN).
-    assert_eq!((bits.enabled, bits.disabled, bits.ref_mask), (1 << 31, 1 << 25, (1 << 23) - 1));
+    // include/linux/ftrace.h: ENABLED bit 31 and DISABLED bit 25 in both
+    // lines; FTRACE_REF_MAX_SHIFT 23 in 6.1 (its lowest flag is
+    // FTRACE_FL_DIRECT_EN) and 19 in 6.12 (FTRACE_FL_CALL_OPS and three more
+    // flags at bits 19-22).
+    let ref_shift = if common::guest_line() == "6.1" { 23 } else { 19 };
+    assert_eq!((bits.enabled, bits.disabled, bits.ref_mask), (1 << 31, 1 << 25, (1 << ref_shift) - 1));
     let records = k.ftrace_records().unwrap();
     assert!(records.by_ip.values().all(|r| r.bits == bits));
 
@@ -197,7 +229,8 @@ fn a_vcpu_caught_on_its_entry_stack_unwinds_reliably_to_user_mode() {
 }
 
 /// The ORC entry layout comes from `struct orc_entry` in the guest's BTF:
-/// the saved 6.1 guest reads as 6.1's format, and a guest whose BTF gives
+/// the saved 6.1 guest reads as 6.1's format (6.12 as the typed format of
+/// 6.4 on), and a guest whose BTF gives
 /// the struct another size is refused by name before any stack is read.
 #[test]
 fn orc_format_comes_from_the_guests_btf_and_an_unknown_one_is_refused() {
@@ -205,7 +238,8 @@ fn orc_format_comes_from_the_guests_btf_and_an_unknown_one_is_refused() {
     let img = SnapshotImage::open(&snap).unwrap();
     let k = Kernel::open(&img.mem, img.cpus.clone()).unwrap();
     let format = introspect::orc_format::OrcFormat::from_btf(&k.btf).unwrap();
-    assert_eq!(format, introspect::orc_format::OrcFormat::LINUX_6_1);
+    let want = if common::guest_line() == "6.1" { introspect::orc_format::OrcFormat::LINUX_6_1 } else { introspect::orc_format::OrcFormat::LINUX_6_4 };
+    assert_eq!(format, want);
     assert!(k.vmlinux_orc().is_ok());
 
     let start = k.sym("__start_BTF").unwrap();

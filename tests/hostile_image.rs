@@ -377,6 +377,14 @@ fn load_clean() -> Clean {
     let stop = k.sym("__stop_BTF").unwrap();
     let btf_bytes = k.mem.read_bytes(start, (stop - start) as usize).unwrap();
     let o = |t: &str, p: &str| k.off(t, p).unwrap_or_else(|e| panic!("{t}.{p}: {e}"));
+    let core_field = |f: &str| {
+        if k.btf.member("module", "core_layout").is_ok() {
+            o("module", &format!("core_layout.{f}"))
+        } else {
+            let text = k.btf.enum_value(Some("mod_mem_type"), "MOD_TEXT").unwrap();
+            o("module", &format!("mem[{text}].{f}"))
+        }
+    };
     let off = Offsets {
         task_size: k.btf.struct_size("task_struct").unwrap(),
         tasks: o("task_struct", "tasks"),
@@ -390,9 +398,10 @@ fn load_clean() -> Clean {
         module_list: o("module", "list"),
         module_name: o("module", "name"),
         module_kallsyms: o("module", "kallsyms"),
-        core_base: o("module", "core_layout.base"),
-        core_size: o("module", "core_layout.size"),
-        core_text_size: o("module", "core_layout.text_size"),
+        // 6.1: core_layout; 6.4+: mem[MOD_TEXT], whose size is the text size.
+        core_base: core_field("base"),
+        core_size: core_field("size"),
+        core_text_size: if k.btf.member("module", "core_layout").is_ok() { core_field("text_size") } else { core_field("size") },
         arch_orc_ip: o("module", "arch.orc_unwind_ip"),
         arch_orc: o("module", "arch.orc_unwind"),
         arch_num_orcs: o("module", "arch.num_orcs"),

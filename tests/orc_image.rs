@@ -272,11 +272,20 @@ fn unwinds_idle_vcpu_and_sleeping_tasks_reliably() {
     let cpu = img.cpus[0];
     println!("vCPU 0: rip={:#x} rsp={:#x} cs={:#x} gs_base={:#x}", cpu.rip, cpu.rsp, cpu.cs, cpu.gs_base);
     let gs = cpu.kernel_gs();
-    let current = space.read_u64(gs + map.addr("current_task")).unwrap();
+    // A hot per-CPU variable: its own symbol (6.1) or a member of pcpu_hot
+    // (6.2+), at the offset pahole gives.
+    let hot = |name: &str| -> u64 {
+        if map.by_name.contains_key(name) {
+            return map.addr(name);
+        }
+        let text = std::fs::read_to_string(common::image_dir().join("pahole").join("pcpu_hot.txt")).expect("pahole pcpu_hot.txt");
+        map.addr("pcpu_hot") + pahole_offsets(&text)[name]
+    };
+    let current = space.read_u64(gs + hot("current_task")).unwrap();
     let cur_stack = space.read_u64(current + lay.task_stack).unwrap();
     let cur_pid = space.read_u32(current + lay.task_pid).unwrap();
     let cur_comm = space.read_cstr(current + lay.task_comm, 16).unwrap();
-    let irq_top = space.read_u64(gs + map.addr("hardirq_stack_ptr")).unwrap() + 8;
+    let irq_top = space.read_u64(gs + hot("hardirq_stack_ptr")).unwrap() + 8;
     let stacks = vec![
         StackBounds { low: cur_stack, high: cur_stack + THREAD_SIZE },
         StackBounds { low: irq_top - THREAD_SIZE, high: irq_top },

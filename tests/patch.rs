@@ -336,3 +336,54 @@ fn a_vcpu_running_in_a_changed_function_is_stepped_out() {
         assert!(!text.contains(bad), "{}", g.tail(2000));
     }
 }
+
+/// A patch applied while vCPU 0 runs user code. On a guest with page-table
+/// isolation (the 6.12 line boots `pti=on`) that vCPU's CR3 is then the
+/// user copy, which does not map the kernel's data: the patch must still
+/// be read, placed and switched through the kernel's own tables. The guest
+/// is driven there: a busy shell loop keeps vCPU 0 in user mode most of
+/// the time, and apply/disable repeat (bounded) until the switching stop
+/// found it in user mode.
+#[test]
+fn a_patch_applied_while_vcpu_0_runs_user_code() {
+    let snap = ready_snapshot(1);
+    let mut g = Guest::restore("patch-user-mode", &snap);
+    g.wait_api();
+    let orig = cmdline_orig(&mut g);
+    let meltdown = g.sh("read m < /sys/devices/system/cpu/vulnerabilities/meltdown; echo $m");
+    let pti = meltdown == "Mitigation: PTI";
+    println!("{}: meltdown {meltdown:?}", guest_line());
+    if guest_line() == "6.12" {
+        assert!(pti, "the 6.12 line boots pti=on, yet meltdown reads {meltdown:?}");
+    }
+    g.send("(while :; do :; done) &\n");
+    let mut caught = None;
+    for attempt in 1..=30 {
+        let r = if attempt == 1 {
+            apply(&g, "livepatch-sample.ko", json!({}))
+        } else {
+            g.api_ok(json!({"verb": "enable", "name": "livepatch_sample", "wait": true}))
+        };
+        let cpu0 = &r["vcpus_at_switch"][0];
+        assert!(cpu0["user_mode"].is_boolean(), "no vCPU state in {r}");
+        if cpu0["user_mode"] == json!(true) {
+            caught = Some((attempt, r.clone()));
+            break;
+        }
+        g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
+    }
+    let (attempt, r) = caught.expect("vCPU 0 was in kernel mode at every one of 30 switches");
+    let cr3 = r["vcpus_at_switch"][0]["cr3"].as_u64().unwrap();
+    if pti {
+        assert_ne!(cr3 & 0x1000, 0, "user mode under PTI runs on the user copy (bit 12 of CR3), CR3 {cr3:#x}");
+    }
+    assert_eq!(read_cmdline(&mut g), "this has been live patched", "switched at attempt {attempt}: {r}");
+    g.send("kill %1\n");
+    g.api_ok(json!({"verb": "disable", "name": "livepatch_sample", "wait": true}));
+    assert_eq!(read_cmdline(&mut g), orig);
+    let text = g.console_text();
+    for bad in ["Oops", "BUG:", "WARNING:", "general protection", "Kernel panic"] {
+        assert!(!text.contains(bad), "guest reported {bad}:\n{}", g.tail(3000));
+    }
+    println!("vCPU 0 in user mode (CR3 {cr3:#x}, PTI {pti}) at switch {attempt}");
+}

@@ -100,15 +100,21 @@ impl<'m> Kernel<'m> {
         var.checked_add(off).ok_or(IntrospectError::Overflow(var))
     }
 
+    /// Address of `cpu`'s copy of the hot per-CPU variable `name`: a
+    /// member of `struct pcpu_hot` where the guest has one (6.2+), else a
+    /// per-CPU variable of its own (6.1).
+    pub fn per_cpu_hot(&self, name: &str, cpu: usize) -> Result<u64> {
+        if let Ok(a) = self.per_cpu("pcpu_hot", cpu) {
+            let off = self.off("pcpu_hot", name)?;
+            return a.checked_add(off).ok_or(IntrospectError::Overflow(a));
+        }
+        self.per_cpu(name, cpu)
+    }
+
     /// The task running on vCPU `cpu` (`pcpu_hot.current_task` on newer
     /// kernels, `current_task` on 6.1).
     pub fn current_task(&self, cpu: usize) -> Result<u64> {
-        if let Ok(a) = self.per_cpu("pcpu_hot", cpu) {
-            let off = self.off("pcpu_hot", "current_task")?;
-            return self.read_ptr(a, off);
-        }
-        let a = self.per_cpu("current_task", cpu)?;
-        self.mem.read_u64(a)
+        self.mem.read_u64(self.per_cpu_hot("current_task", cpu)?)
     }
 }
 

@@ -188,10 +188,11 @@ impl Kernel<'_> {
         u.tables.unwind(&self.mem, start, &u.regs, MAX_FRAMES)
     }
 
-    /// The IRQ stack of `cpu` (`hardirq_stack_ptr` points 8 bytes below its
-    /// top), `size` bytes (IRQ_STACK_SIZE is THREAD_SIZE on x86_64).
+    /// The IRQ stack of `cpu` (`hardirq_stack_ptr`, in `pcpu_hot` on 6.2+,
+    /// points 8 bytes below its top), `size` bytes (IRQ_STACK_SIZE is
+    /// THREAD_SIZE on x86_64).
     pub fn irq_stack(&self, cpu: usize, size: u64) -> Result<StackBounds> {
-        let ptr = self.mem.read_u64(self.per_cpu("hardirq_stack_ptr", cpu)?)?;
+        let ptr = self.mem.read_u64(self.per_cpu_hot("hardirq_stack_ptr", cpu)?)?;
         let high = ptr.checked_add(8).ok_or(IntrospectError::Overflow(ptr))?;
         Ok(StackBounds { low: high.saturating_sub(size), high })
     }

@@ -90,6 +90,11 @@ pub struct KthreadNameLayout {
     pub worker_pool: u64,
     pub worker_desc: u64,
     pub worker_desc_len: u64,
+    /// Where the guest names workers with `format_worker_id()` (6.9+; it
+    /// is in kallsyms): `worker.rescue_wq` and `workqueue_struct.name`
+    /// (offset, size), since a rescuer is then "kworker/R-" + the
+    /// workqueue's full name, longer than its comm.
+    pub rescuer_name: Option<(u64, u64, u64)>,
 }
 
 const PF_WQ_WORKER: u32 = 0x0000_0020;
@@ -124,6 +129,11 @@ impl TaskLayout {
                     worker_pool: k.off("worker", "pool")?,
                     worker_desc: k.off("worker", "desc")?,
                     worker_desc_len: k.btf.member("worker", "desc")?.size,
+                    rescuer_name: if k.syms.lookup("format_worker_id").is_empty() {
+                        None
+                    } else {
+                        Some((k.off("worker", "rescue_wq")?, k.off("workqueue_struct", "name")?, k.btf.member("workqueue_struct", "name")?.size))
+                    },
                 })
             })()
             .ok(),
@@ -255,11 +265,18 @@ impl Kernel<'_> {
         };
         let field = |base: u64, off: u64| base.checked_add(off).and_then(|a| self.mem.read_u64(a).ok());
         if flags & PF_WQ_WORKER != 0 {
-            // wq_worker_comm(): always the real comm, then the worker's
-            // description of its latest work if it has a pool.
+            // wq_worker_comm(): the real comm (6.1) or format_worker_id()
+            // (which differs from the comm only for a rescuer), then the
+            // worker's description of its latest work if it has a pool.
             let Some(worker) = field(kthread, n.kthread_data).filter(|w| *w != 0) else { return comm.to_string() };
+            let rescuer = n.rescuer_name.and_then(|(rescue_wq, name, len)| {
+                let wq = field(worker, rescue_wq).filter(|w| *w != 0)?;
+                let name = self.mem.read_cstr(wq.checked_add(name)?, len.min(64) as usize).ok()?;
+                Some(format!("kworker/R-{name}"))
+            });
+            let comm = rescuer.as_deref().unwrap_or(comm);
             if field(worker, n.worker_pool).unwrap_or(0) == 0 {
-                return comm.to_string();
+                return clip(comm.to_string());
             }
             let desc = worker
                 .checked_add(n.worker_desc)
