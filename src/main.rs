@@ -274,9 +274,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The kernel line `run` and `demo` boot when none is named. It stays the
-/// older line until every test passes on the newer one (issue 10).
-const DEFAULT_GUEST: &str = "6.1";
+/// The kernel line `run` and `demo` boot when none is named: the newest.
+const DEFAULT_GUEST: &str = "6.12";
 
 /// The test image's directory for kernel line `line`, from
 /// `guest-images/build --print-dir LINE` (`HYPERPATCH_IMAGE_DIR` overrides).

@@ -53,6 +53,9 @@ use crate::placement::{Allocation, AreaKind, Region};
 /// Call slots; a slot whose call timed out is never reused.
 pub const SLOTS: usize = 16;
 const SLOT_SIZE: u64 = 512;
+/// Room for the routines: 6.12's (endbr64 entries, return thunks, module
+/// traps behind sealed entries) take a little over 512 bytes.
+const ROUTINES_SIZE: u64 = 1024;
 const STATE_QUEUED: u32 = 1;
 const STATE_DONE: u32 = 2;
 /// Offsets in hyperpatch's own slot header.
@@ -332,7 +335,7 @@ impl CallEngine {
         let layout = Self::layout(k)?;
         let vector = Self::irq_work_vector(k)?;
         let raised_list = k.per_cpu("raised_list", 0)?;
-        let text = region.alloc(AreaKind::Text, 512, 64)?;
+        let text = region.alloc(AreaKind::Text, ROUTINES_SIZE, 64)?;
         let data = match region.alloc(AreaKind::Data, DATA_SIZE, 64) {
             Ok(d) => d,
             Err(e) => {
@@ -527,8 +530,16 @@ impl CallEngine {
                 continue;
             };
             let head = k.mem.read_bytes(entry, 9)?;
-            let skip = if head.get(..4) == Some(&ENDBR64[..]) { 4 } else { 0 };
+            let mut skip = if head.get(..4) == Some(&ENDBR64[..]) { 4 } else { 0 };
             if head.get(skip..skip + 5) != Some(&introspect::ftrace::NOP5[..]) {
+                // A sealed endbr64 (6.12 seals the ones of functions only
+                // called directly with a NOP of its own): the site is where
+                // the guest's ftrace record says.
+                let size = k.syms.resolve(entry).filter(|s| s.addr == entry).map_or(0, |s| s.size);
+                let site = k.ftrace_records()?.site_of(entry, size, &head);
+                skip = usize::try_from(site - entry).unwrap_or(usize::MAX);
+            }
+            if head.get(skip..skip.saturating_add(5)) != Some(&introspect::ftrace::NOP5[..]) {
                 // Traced or patched by the guest: its entry cannot be replayed.
                 missing = Some(format!("{func} does not start with the ftrace NOP (traced or patched by the guest?)"));
                 continue;

@@ -48,9 +48,10 @@ pub const READY_CMDLINE: &str = "clocksource=kvm-clock";
 const READY_RECIPE: &str = "quiet-kvmclock";
 
 /// The kernel line the tests run on: `HYPERPATCH_GUEST` (a directory of
-/// `guest-images/`), default 6.1.
+/// `guest-images/`), default the newest, as `hyperpatch run` boots it
+/// (`tests/lines` runs the suite on every line).
 pub fn guest_line() -> String {
-    std::env::var("HYPERPATCH_GUEST").unwrap_or_else(|_| "6.1".to_string())
+    std::env::var("HYPERPATCH_GUEST").unwrap_or_else(|_| "6.12".to_string())
 }
 
 /// Directory of the built test image (kernel, initramfs, modules) of
