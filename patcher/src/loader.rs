@@ -72,7 +72,8 @@ pub struct LoaderFacts {
     pub returns: Option<ReturnPolicy>,
     /// Some vCPU has CR4.CET set.
     pub ibt_enforced: bool,
-    /// The guest's `.orc_header`; `None` when it has none.
+    /// The guest's `.orc_header`; `None` when it has none (or the module
+    /// has none: not read then).
     pub orc_header: Option<Vec<u8>>,
 }
 
@@ -82,6 +83,7 @@ impl LoaderFacts {
         let has = |name: &str| m.sections.iter().any(|s| s.name == name && s.size > 0);
         let returns = if has(".return_sites") { Some(return_policy(k)?) } else { None };
         let orc_header = match (k.syms.lookup_unique("__start_orc_header"), k.syms.lookup_unique("__stop_orc_header")) {
+            _ if !has(".orc_header") => None,
             (Ok(start), Ok(stop)) => {
                 let len = stop.checked_sub(start).filter(|l| *l <= MAX_ORC_HEADER).ok_or(PatchError::GuestOrcHeader { start, stop })?;
                 Some(k.mem.read_bytes(start, len as usize)?)
