@@ -524,6 +524,8 @@ impl CallEngine {
         // unloading the module (process context).
         let mut module_traps = Vec::new();
         let mut missing = None;
+        // Read once, and only when an entry is sealed.
+        let mut records = None;
         for (func, kind) in [("klp_module_coming", EVENT_COMING), ("klp_module_going", EVENT_GOING)] {
             let Ok(entry) = k.sym(func) else {
                 missing = Some(format!("the guest has no {func}"));
@@ -536,7 +538,10 @@ impl CallEngine {
                 // called directly with a NOP of its own): the site is where
                 // the guest's ftrace record says.
                 let size = k.syms.resolve(entry).filter(|s| s.addr == entry).map_or(0, |s| s.size);
-                let site = k.ftrace_records()?.site_of(entry, size, &head);
+                if records.is_none() {
+                    records = Some(k.ftrace_records()?);
+                }
+                let site = records.as_ref().map_or(entry, |r| r.site_of(entry, size, &head));
                 skip = usize::try_from(site - entry).unwrap_or(usize::MAX);
             }
             if head.get(skip..skip.saturating_add(5)) != Some(&introspect::ftrace::NOP5[..]) {
